@@ -1,0 +1,3 @@
+"""fnexport: FasterNet checkpoints to verified deployment artifacts."""
+
+__version__ = "0.1.0"

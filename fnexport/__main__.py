@@ -1,0 +1,3 @@
+from fnexport.cli import main
+
+main()

@@ -1,0 +1,222 @@
+"""Command line: parse, call, print. Errors become exit codes here and nowhere else."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+
+from fnexport.console import setup_logging
+from fnexport.errors import BackendUnavailable, BadInput, FnexportError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Convert FasterNet checkpoints to verified deployment artifacts.",
+)
+
+Ckpt = Annotated[
+    str,
+    typer.Argument(
+        help="Checkpoint file (.pth/.pt/.ckpt) or a variant name (fasternet_t0 ... fasternet_l) for random weights."
+    ),
+]
+Act = Annotated[str | None, typer.Option(help="Activation, gelu or relu; needed only for non-paper widths.")]
+Unsafe = Annotated[
+    bool,
+    typer.Option(
+        "--unsafe-load", help="Allow unpickling Python objects (runs code from the file). Only for files you trust."
+    ),
+]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging on stderr.")] = False) -> None:
+    setup_logging(verbose)
+
+
+def _floats3(text: str | None, flag: str) -> tuple[float, float, float] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise BadInput(f"{flag} {text!r}: give three comma-separated numbers, e.g. {flag} 0.485,0.456,0.406")
+    return values  # type: ignore[return-value]
+
+
+def make_recipe(fields: dict[str, Any]):
+    """A validated Recipe from flag values (None = not given)."""
+    from fnexport.recipes import Recipe
+
+    pre = {k: fields.pop(k) for k in ("mean", "std", "crop_pct", "interpolation") if k in fields}
+    tol = {k: fields.pop(k) for k in ("atol", "min_cosine", "min_top1") if k in fields}
+    data = {k: v for k, v in fields.items() if v is not None}
+    if any(v is not None for v in pre.values()):
+        data["preprocess"] = {k: v for k, v in pre.items() if v is not None}
+    if any(v is not None for v in tol.values()):
+        data["tolerance"] = {k: v for k, v in tol.items() if v is not None}
+    try:
+        return Recipe(**data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]).replace("_", "-")
+        raise BadInput(f"--{where}: {first['msg']}") from None
+
+
+def _emit(obj: Any, as_json: bool, text: str) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str) if as_json else text)
+
+
+@app.command()
+def convert(
+    ckpt: Ckpt,
+    target: Annotated[
+        str, typer.Option("--target", "-t", help="onnx (more with extras: see `fnexport doctor`).")
+    ] = "onnx",
+    precision: Annotated[
+        str, typer.Option("--precision", "-p", help="fp32, fp16, bf16, int8 ... as the target offers.")
+    ] = "fp32",
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Output directory (default exports/NAME-TARGET-PRECISION).")
+    ] = None,
+    imgsz: Annotated[int | None, typer.Option(help="Input size, a multiple of 32 (default 224).")] = None,
+    batch: Annotated[int | None, typer.Option(help="Static batch size (default 1).")] = None,
+    dynamic: Annotated[bool, typer.Option("--dynamic", help="Dynamic batch dimension.")] = False,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset (default 18).")] = None,
+    mean: Annotated[str | None, typer.Option(help="Normalisation mean R,G,B (default ImageNet).")] = None,
+    std: Annotated[str | None, typer.Option(help="Normalisation std R,G,B (default ImageNet).")] = None,
+    crop_pct: Annotated[float | None, typer.Option(help="Center-crop ratio (default 0.9).")] = None,
+    interpolation: Annotated[str | None, typer.Option(help="bicubic, bilinear, nearest or lanczos.")] = None,
+    calib: Annotated[
+        str | None, typer.Option(help="Calibration image folder (or embedded:natural / embedded:digits).")
+    ] = None,
+    samples: Annotated[int | None, typer.Option(help="Calibration images to use (default 300).")] = None,
+    data: Annotated[
+        str | None, typer.Option(help="Images for the convert-time parity check (default embedded:natural).")
+    ] = None,
+    atol: Annotated[float | None, typer.Option(help="Max abs logit error allowed (FP32 default 1e-3).")] = None,
+    act: Act = None,
+    unsafe_load: Unsafe = False,
+    as_json: Json = False,
+) -> None:
+    """Convert a checkpoint into a target artifact plus manifest.json, verified against PyTorch."""
+    from fnexport.convert import convert as run_convert
+    from fnexport.model.checkpoint import load_checkpoint
+
+    recipe = make_recipe(
+        dict(
+            target=target, precision=precision, imgsz=imgsz, batch=batch, dynamic=dynamic or None,
+            opset=opset, mean=_floats3(mean, "--mean"), std=_floats3(std, "--std"), crop_pct=crop_pct,
+            interpolation=interpolation, calib=calib, calib_samples=samples, parity_data=data, atol=atol,
+        )
+    )  # fmt: skip
+    loaded = load_checkpoint(ckpt, act=act, unsafe_load=unsafe_load)
+    out_dir, manifest = run_convert(loaded, recipe, out)
+    _emit(manifest | {"out": str(out_dir)}, as_json, str(out_dir / manifest["artifact"]))
+
+
+@app.command()
+def inspect(
+    ckpt: Ckpt,
+    imgsz: Annotated[int, typer.Option(help="Input size for the MAC count.")] = 224,
+    graph: Annotated[
+        bool, typer.Option("--graph", help="Also export and count ONNX ops (plain export vs fnexport).")
+    ] = False,
+    act: Act = None,
+    unsafe_load: Unsafe = False,
+    as_json: Json = False,
+) -> None:
+    """Show what a checkpoint is: variant, shape, params, MACs, and what reparameterization removes."""
+    from fnexport.convert import inspect as run_inspect
+    from fnexport.model.checkpoint import load_checkpoint
+
+    info = run_inspect(load_checkpoint(ckpt, act=act, unsafe_load=unsafe_load), imgsz, graph)
+    if as_json:
+        _emit(info, True, "")
+        return
+    lines = [
+        f"{info['variant']}: embed_dim {info['embed_dim']}, depths {info['depths']}, act {info['act']}, "
+        f"n_div {info['n_div']}, classes {info['num_classes']}",
+        f"params {info['params'] / 1e6:.3f}M, MACs at {imgsz}: {info['macs'] / 1e9:.4f}G",
+        f"source: {info['source']['layout']}",
+    ]
+    for kind, counts in [("modules", info["modules"])] + ([("onnx ops", info["onnx_ops"])] if graph else []):
+        before, after = counts.values()
+        lines.append(f"{kind} (before -> after reparameterization):")
+        for name in sorted(set(before) | set(after), key=lambda n: -before.get(n, after.get(n, 0))):
+            lines.append(f"  {name:24s} {before.get(name, 0):5d} -> {after.get(name, 0):5d}")
+    typer.echo("\n".join(lines))
+
+
+@app.command()
+def doctor(
+    require: Annotated[
+        str | None, typer.Option(help="Comma-separated backends that must be usable (exit 3 otherwise).")
+    ] = None,
+    as_json: Json = False,
+) -> None:
+    """List backends: installed or not, version, and why one cannot run here."""
+    from fnexport.convert import doctor as run_doctor
+
+    rows = run_doctor()
+    text = "\n".join(
+        f"{r['backend']:12s} {'ok' if r['usable'] else ('limited' if r['installed'] else 'missing'):8s} "
+        f"{r['version'] or '-':14s} {r['note']}"
+        for r in rows
+    )
+    _emit(rows, as_json, text)
+    needed = [n for n in (require or "").split(",") if n]
+    unknown = [n for n in needed if n not in {r["backend"] for r in rows}]
+    if unknown:
+        raise BadInput(f"--require: unknown backend(s) {', '.join(unknown)}")
+    missing = [r["backend"] for r in rows if r["backend"] in needed and not r["usable"]]
+    if missing:
+        raise BackendUnavailable(f"required backend(s) not usable here: {', '.join(missing)}")
+
+
+@app.command()
+def demo(
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Where the demo writes its checkpoint and artifacts.")
+    ] = Path("fnexport-demo"),
+    seconds: Annotated[float, typer.Option(help="Training time budget.")] = 40.0,
+    as_json: Json = False,
+) -> None:
+    """Train a FasterNet-T0 on the digits bundled with scikit-learn, convert it to every installed target, check parity."""
+    from fnexport.demo import run_demo
+
+    result = run_demo(out, seconds)
+    _emit(result, as_json, result["table"])
+
+
+def main() -> None:
+    try:
+        app()
+    except FnexportError as err:
+        if type(err) is FnexportError:
+            traceback.print_exc()
+            typer.echo("fnexport hit an internal error; please report it with the traceback above.", err=True)
+        else:
+            typer.echo(f"error: {err}", err=True)
+        raise SystemExit(err.exit_code) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise SystemExit(130) from None
+    except Exception:
+        traceback.print_exc()
+        typer.echo("fnexport hit an internal error; please report it with the traceback above.", err=True)
+        raise SystemExit(4) from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""The main job: checkpoint -> reparameterized model -> target artifact -> parity -> manifest."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fnexport import manifest as mf
+from fnexport.console import log, step
+from fnexport.data import ImageSet, load_images
+from fnexport.errors import BackendUnavailable, BadInput, CheckFailed
+from fnexport.model.checkpoint import Checkpoint
+from fnexport.model.fasternet import count
+from fnexport.parity import ParityReport, compare, reference, run, tolerance_for
+from fnexport.recipes import Recipe
+from fnexport.targets import DEFAULT_DATA, Source, get_target
+
+REPARAM_ATOL = 1e-4
+
+
+def default_out(ckpt: Checkpoint, recipe: Recipe) -> Path:
+    return Path("exports") / f"{ckpt.name}-{recipe.target}-{recipe.precision}"
+
+
+def convert(ckpt: Checkpoint, recipe: Recipe, out: Path | None = None) -> tuple[Path, dict]:
+    """Write the artifact and manifest into `out` atomically; raise CheckFailed if parity fails."""
+    target = get_target(recipe.target)
+    if recipe.precision not in target.precisions:
+        raise BadInput(
+            f"--precision {recipe.precision} is not offered by --target {target.name} (choose: {', '.join(target.precisions)})"
+        )
+    out = out or default_out(ckpt, recipe)
+    data = parity_inputs(ckpt, recipe)
+    ref = reference(ckpt.model, data.x)
+    with mf.atomic_dir(out) as tmp:
+        src = Source(ckpt, recipe)
+        try:
+            reparam_err = check_reparam(src, data.x, ref)
+            with step(f"Exporting {target.name} {recipe.precision}"):
+                exported = target.export(src, tmp, recipe)
+        finally:
+            shutil.rmtree(src.workdir, ignore_errors=True)
+        manifest = build_manifest(ckpt, recipe, target, exported)
+        manifest["parity"] = {
+            "reference": "PyTorch eager FP32, the model as loaded (BatchNorm not folded)",
+            "data": data.source,
+            "reparam_max_abs": reparam_err,
+        }
+        try:
+            runner = target.runner(exported.path, manifest)
+        except BackendUnavailable as err:
+            # e.g. Core ML off macOS: the artifact is written, and `fnexport parity` reports NOT RUN.
+            log.warning("Parity not run for %s: %s", target.name, err)
+            manifest["parity"] |= {"ran": False, "reason": str(err)}
+            mf.write(tmp, manifest)
+            report = None
+        else:
+            with step(f"Checking parity on {len(data.x)} images"):
+                try:
+                    report = compare(
+                        ref,
+                        run(runner, data.x),
+                        tolerance_for(recipe.precision, recipe.tolerance),
+                        labels_for(ckpt, data),
+                    )
+                    report.ran = dict(runner.info)
+                finally:
+                    runner.close()
+            manifest["parity"] |= report.to_dict()
+            mf.write(tmp, manifest)
+            log_report(target.name, recipe.precision, report)
+        if report is not None and not report.passed:
+            raise CheckFailed(
+                f"{target.name} {recipe.precision} parity failed: {'; '.join(report.failures)} (nothing written to {out})"
+            )
+    log.info("Wrote %s", out)
+    return out, manifest
+
+
+def parity_inputs(ckpt: Checkpoint, recipe: Recipe) -> ImageSet:
+    source = recipe.parity_data or DEFAULT_DATA
+    return load_images(source, recipe.pre(), recipe.parity_samples, seed=1)
+
+
+def labels_for(ckpt: Checkpoint, data: ImageSet) -> np.ndarray | None:
+    """Dataset labels as model class indices, when the folder's classes can be matched to the model's."""
+    if data.labels is None or data.classes is None:
+        return None
+    if ckpt.labels:
+        if not set(data.classes) <= set(ckpt.labels):
+            return None
+        return np.array([ckpt.labels.index(data.classes[i]) for i in data.labels])
+    return data.labels if len(data.classes) == ckpt.config.num_classes else None
+
+
+def check_reparam(src: Source, x: np.ndarray, ref: np.ndarray) -> float:
+    """The folded model must match the original to float rounding before anything is exported."""
+    folded = reference(src.module("split_cat"), x)
+    err = float(np.abs(folded - ref).max())
+    log.info("Reparameterized model vs original: max abs logit error %.2e", err)
+    if err > REPARAM_ATOL * max(1.0, float(np.abs(ref).max())):
+        raise CheckFailed(f"BatchNorm folding changed the logits by {err:.3g} (> {REPARAM_ATOL:g}); please report this")
+    return err
+
+
+def build_manifest(ckpt: Checkpoint, recipe: Recipe, target, exported) -> dict:
+    cfg = ckpt.config
+    params, macs = count(ckpt.model, recipe.imgsz)
+    p = recipe.preprocess
+    batch = "batch" if recipe.dynamic else recipe.batch
+    return {
+        "schema": mf.SCHEMA,
+        "target": target.name,
+        "precision": recipe.precision,
+        "artifact": exported.path.name,
+        "sha256": mf.sha256_artifact(exported.path),
+        "input": {
+            "name": "input",
+            "shape": [batch, cfg.in_chans, recipe.imgsz, recipe.imgsz],
+            "dtype": "float32",
+            "layout": "NCHW, RGB",
+            "mean": list(p.mean),
+            "std": list(p.std),
+            "crop_pct": p.crop_pct,
+            "interpolation": p.interpolation,
+        },
+        "output": {"name": "logits", "shape": [batch, cfg.num_classes]},
+        "model": cfg.to_dict() | {"params": params, "macs": macs},
+        "labels": ckpt.labels,
+        "source": ckpt.source(),
+        "recipe": recipe.model_dump(mode="json"),
+        "details": exported.details,
+        "versions": mf.versions(*target.packages),
+    }
+
+
+def log_report(name: str, precision: str, report: ParityReport) -> None:
+    verdict = "PASS" if report.passed else "FAIL: " + "; ".join(report.failures)
+    log.info("Parity %s %s vs PyTorch: %s -> %s", name, precision, report.summary(), verdict)
+
+
+def inspect(ckpt: Checkpoint, imgsz: int = 224, graph: bool = False) -> dict:
+    """Config, size and what reparameterization changes (module counts; ONNX ops with `graph`)."""
+    params, macs = count(ckpt.model, imgsz)
+    folded = Source(ckpt, Recipe(target="onnx", imgsz=imgsz)).module("split_cat")
+    info = ckpt.config.to_dict() | {
+        "params": params,
+        "macs": macs,
+        "imgsz": imgsz,
+        "source": ckpt.source(),
+        "labels": ckpt.labels,
+        "modules": {"before": module_counts(ckpt.model), "after": module_counts(folded)},
+    }
+    if graph:
+        info["onnx_ops"] = graph_ops(ckpt, imgsz)
+    return info
+
+
+def module_counts(model: torch.nn.Module) -> dict[str, int]:
+    return dict(Counter(type(m).__name__ for m in model.modules() if not list(m.children())).most_common())
+
+
+def graph_ops(ckpt: Checkpoint, imgsz: int) -> dict[str, dict[str, int]]:
+    """ONNX ops of a plain export (official inference form, `slicing`) next to fnexport's graph."""
+    import copy
+
+    from fnexport.targets.onnx import export_plain, op_counts
+
+    src = Source(ckpt, Recipe(target="onnx", imgsz=imgsz, dynamic=True))
+    try:
+        with step("Exporting the plain and the fnexport ONNX graphs"):
+            plain = copy.deepcopy(ckpt.model)
+            plain.set_pconv_form("slicing")
+            before = op_counts(export_plain(plain, src.workdir / "plain.onnx", imgsz))
+            after = op_counts(src.onnx())
+    finally:
+        shutil.rmtree(src.workdir, ignore_errors=True)
+    return {"plain": before, "fnexport": after}
+
+
+# Optional backends and the extra that installs each; `doctor` reports them without importing.
+BACKENDS = {
+    "torch": "core",
+    "onnx": "core",
+    "onnxruntime": "core",
+    "onnxslim": "core",
+    "onnxscript": "core",
+    "openvino": "openvino",
+    "nncf": "openvino",
+    "tensorrt": "tensorrt",
+    "coremltools": "coreml",
+}
+
+
+def doctor() -> list[dict]:
+    """Each backend: installed, version, and why it cannot run here when it cannot."""
+    import importlib.metadata
+
+    rows = []
+    for module, extra in BACKENDS.items():
+        row: dict = {"backend": module, "extra": extra, "installed": importlib.util.find_spec(module) is not None}
+        try:
+            row["version"] = importlib.metadata.version(module)
+        except importlib.metadata.PackageNotFoundError:
+            row["version"] = None
+        row["usable"] = row["installed"]
+        row["note"] = "" if row["installed"] else f"pip install 'fnexport[{extra}]'"
+        if module == "tensorrt" and row["installed"] and not torch.cuda.is_available():
+            row["usable"], row["note"] = False, "no CUDA GPU visible: engines cannot be built or run here"
+        if module == "coremltools" and row["installed"] and platform.system() != "Darwin":
+            row["note"] = "converts here; Core ML prediction needs macOS"
+        rows.append(row)
+    return rows

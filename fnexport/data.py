@@ -1,0 +1,211 @@
+"""Images in, preprocessed NCHW float32 batches out; plus the embedded sets the project makes itself."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from fnexport.console import log
+from fnexport.errors import BadInput
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+INTERPOLATIONS = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+EMBEDDED = ("natural", "digits")
+EMBEDDED_PREFIX = "embedded:"
+EMBEDDED_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize the short side to size/crop_pct, center-crop size x size, then (x/255 - mean)/std."""
+
+    size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    crop_pct: float = 0.9
+    interpolation: str = "bicubic"
+
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        img = to_rgb(img)
+        scale = int(self.size / self.crop_pct)  # timm's rule: floor(size / crop_pct)
+        w, h = img.size
+        if w <= h:
+            new = (scale, max(scale, round(h * scale / w)))
+        else:
+            new = (max(scale, round(w * scale / h)), scale)
+        img = img.resize(new, INTERPOLATIONS[self.interpolation])
+        left, top = (new[0] - self.size) // 2, (new[1] - self.size) // 2
+        img = img.crop((left, top, left + self.size, top + self.size))
+        x = np.asarray(img, dtype=np.float32) / 255.0
+        x = (x - np.array(self.mean, np.float32)) / np.array(self.std, np.float32)
+        return x.transpose(2, 0, 1)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any mode PIL reads (L, LA, P, RGBA, CMYK, I;16, I, F) as 8-bit RGB."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Composite on white, as viewers show it; a bare convert would keep the hidden colours.
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, rgba)
+    return img.convert("RGB")
+
+
+@dataclass
+class ImageSet:
+    """A preprocessed batch with optional labels (ImageFolder layout) and what could not be read."""
+
+    x: np.ndarray
+    labels: np.ndarray | None
+    classes: list[str] | None
+    files: list[str]
+    skipped: list[str]
+    source: str
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def load_images(source: str | Path, pre: Preprocess, samples: int | None = None, seed: int = 0) -> ImageSet:
+    """Read a folder (recursive, sorted, seeded sample of `samples`) or an embedded set name."""
+    folder = resolve(source)
+    if not folder.is_dir():
+        raise BadInput(f"{folder}: not a folder of images; give a directory (or {EMBEDDED_PREFIX}natural)")
+    files = list_images(folder)
+    if not files:
+        raise BadInput(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under it")
+    subdirs = sorted({p.relative_to(folder).parts[0] for p in files if len(p.relative_to(folder).parts) > 1})
+    labelled = bool(subdirs) and all(len(p.relative_to(folder).parts) == 2 for p in files)
+    if samples is not None and samples < len(files):
+        files = sorted(random.Random(seed).sample(files, samples))
+    arrays, labels, used, skipped = [], [], [], []
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                img.load()
+                arrays.append(pre(img))
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            log.warning("%s: skipped, not a readable image (%s)", path, str(err).splitlines()[0][:80])
+            skipped.append(str(path))
+            continue
+        used.append(str(path.relative_to(folder)))
+        if labelled:
+            labels.append(subdirs.index(path.relative_to(folder).parts[0]))
+    if not arrays:
+        raise BadInput(f"{folder}: none of the {len(files)} images could be read")
+    return ImageSet(
+        x=np.stack(arrays).astype(np.float32),
+        labels=np.array(labels) if labelled else None,
+        classes=subdirs if labelled else None,
+        files=used,
+        skipped=skipped,
+        source=str(source),
+    )
+
+
+def resolve(source: str | Path) -> Path:
+    """A folder path as given, or the cached folder of an embedded set ('embedded:natural')."""
+    text = str(source)
+    if text.startswith(EMBEDDED_PREFIX):
+        name = text[len(EMBEDDED_PREFIX) :]
+        if name not in EMBEDDED:
+            raise BadInput(
+                f"{text}: unknown embedded set; use one of {', '.join(EMBEDDED_PREFIX + n for n in EMBEDDED)}"
+            )
+        return embedded(name)
+    return Path(text)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FNEXPORT_CACHE", Path.home() / ".cache" / "fnexport"))
+
+
+def embedded(name: str) -> Path:
+    """Make the embedded set once (atomically) in the cache and return its folder."""
+    target = cache_dir() / f"{name}-v{EMBEDDED_VERSION}"
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        write_embedded(name, tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process made it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def write_embedded(name: str, out: Path) -> int:
+    """Write an embedded set into `out`; returns the number of images."""
+    out.mkdir(parents=True, exist_ok=True)
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        for i, (img, label) in enumerate(zip(digits.images, digits.target, strict=True)):
+            (out / str(label)).mkdir(exist_ok=True)
+            Image.fromarray((img * (255 / 16)).astype(np.uint8), "L").save(out / str(label) / f"{i:04d}.png")
+        return len(digits.target)
+    if name == "natural":
+        return _write_natural(out)
+    raise BadInput(f"{name}: unknown embedded set; use one of {', '.join(EMBEDDED)}")
+
+
+# scikit-image's bundled photos and scans: grayscale, RGB and one RGBA, no downloads needed.
+NATURAL = (
+    "astronaut", "brick", "camera", "cat", "cell", "chelsea", "clock", "coffee", "coins",
+    "colorwheel", "grass", "gravel", "hubble_deep_field", "immunohistochemistry", "logo",
+    "microaneurysms", "moon", "page", "retina", "rocket", "text",
+)  # fmt: skip
+
+
+def _write_natural(out: Path) -> int:
+    import skimage.data
+
+    rng = random.Random(0)
+    count = 0
+    for name in NATURAL:
+        img = Image.fromarray(getattr(skimage.data, name)())
+        w, h = img.size
+        # Four views per photo (whole, and three seeded crops, one mirrored) make ~80 distinct inputs.
+        boxes = [(0, 0, w, h)]
+        for _ in range(3):
+            frac = rng.uniform(0.45, 0.8)
+            cw, ch = int(w * frac), int(h * frac)
+            x0, y0 = rng.randint(0, w - cw), rng.randint(0, h - ch)
+            boxes.append((x0, y0, x0 + cw, y0 + ch))
+        for j, box in enumerate(boxes):
+            view = img.crop(box)
+            if j == 3:
+                view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            view.thumbnail((320, 320), Image.Resampling.LANCZOS)
+            # Mixed formats on purpose: loaders must cope with JPEG, PNG, grayscale and alpha.
+            if view.mode == "RGBA" or j % 2:
+                view.save(out / f"{name}_{j}.png")
+            else:
+                view.save(out / f"{name}_{j}.jpg", quality=92)
+            count += 1
+    return count

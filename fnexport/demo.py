@@ -1,0 +1,113 @@
+"""The embedded default: a real FasterNet-T0 trained on scikit-learn's digits, shipped to every installed target."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fnexport.console import console, log, step
+from fnexport.data import Preprocess, embedded, load_images
+from fnexport.errors import BackendUnavailable, CheckFailed
+from fnexport.model.checkpoint import load_checkpoint
+from fnexport.model.fasternet import VARIANTS, FasterNet
+
+IMGSZ = 64
+# Digits are 8x8 grey glyphs: upsample the whole image (no crop), bilinear.
+DIGITS_PRE = Preprocess(IMGSZ, crop_pct=1.0, interpolation="bilinear")
+LABELS = [str(i) for i in range(10)]
+
+
+def split_digits(out: Path) -> tuple[Path, Path]:
+    """Hard-link the embedded digits into train/ and test/ (every 5th image held out)."""
+    src = embedded("digits")
+    train, test = out / "digits-train", out / "digits-test"
+    for path in sorted(src.rglob("*.png")):
+        dest = (test if int(path.stem) % 5 == 0 else train) / path.parent.name / path.name
+        if not dest.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                dest.hardlink_to(path)
+            except OSError:
+                dest.write_bytes(path.read_bytes())
+    return train, test
+
+
+def train_digits(train_dir: Path, seconds: float = 40.0, seed: int = 0) -> FasterNet:
+    """Train a FasterNet-T0 (10 classes) within a time budget; BN statistics become real ones."""
+    torch.manual_seed(seed)
+    data = load_images(train_dir, DIGITS_PRE)
+    x, y = torch.from_numpy(data.x), torch.from_numpy(data.labels)
+    model = FasterNet(VARIANTS["fasternet_t0"].__class__(**{**VARIANTS["fasternet_t0"].__dict__, "num_classes": 10}))
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
+    gen = torch.Generator().manual_seed(seed)
+    start, steps = time.perf_counter(), 0
+    model.train()
+    with console.status("Training FasterNet-T0 on digits") as status:
+        while time.perf_counter() - start < seconds:
+            for idx in torch.randperm(len(x), generator=gen).split(64):
+                loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx], label_smoothing=0.1)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                steps += 1
+                status.update(f"Training FasterNet-T0 on digits: step {steps}, loss {loss.item():.3f}")
+                if time.perf_counter() - start > seconds:
+                    break
+    log.info("Trained %d steps in %.0f s", steps, time.perf_counter() - start)
+    return model.eval()
+
+
+def run_demo(out: Path, seconds: float = 40.0) -> dict:
+    """Train, save a checkpoint, convert to every installed target, and tabulate parity and accuracy."""
+    from fnexport.cli import make_recipe
+    from fnexport.convert import convert
+    from fnexport.targets import TARGETS
+
+    out.mkdir(parents=True, exist_ok=True)
+    train_dir, test_dir = split_digits(out)
+    ckpt_path = out / "fasternet_t0_digits.pth"
+    if not ckpt_path.exists():
+        model = train_digits(train_dir, seconds)
+        torch.save({"state_dict": model.state_dict(), "labels": LABELS}, ckpt_path)
+    ckpt = load_checkpoint(ckpt_path)
+    rows, results = [], []
+    for target in TARGETS:
+        for precision in target.precisions:
+            fields = dict(
+                target=target.name, precision=precision, imgsz=IMGSZ, crop_pct=1.0, interpolation="bilinear",
+                calib=str(train_dir), calib_samples=300, parity_data=str(test_dir), parity_samples=400,
+            )  # fmt: skip
+            name = f"{target.name} {precision}"
+            try:
+                with step(f"Converting to {name}"):
+                    out_dir, manifest = convert(ckpt, make_recipe(fields), out / f"{target.name}-{precision}")
+            except BackendUnavailable as err:
+                rows.append(f"{name:22s} skipped: {err}")
+                continue
+            except CheckFailed as err:
+                rows.append(f"{name:22s} FAILED: {err}")
+                results.append({"target": target.name, "precision": precision, "passed": False, "error": str(err)})
+                continue
+            p = manifest["parity"]
+            rows.append(
+                f"{name:22s} max abs {p['max_abs']:.1e}  top-1 agree {p['top1']:7.2%}  "
+                f"accuracy {p['accuracy']:.2%} (PyTorch {p['ref_accuracy']:.2%})  {out_dir / manifest['artifact']}"
+            )
+            results.append(
+                {"target": target.name, "precision": precision, "passed": True, "dir": str(out_dir), "parity": p}
+            )
+    header = f"FasterNet-T0 trained on digits, checked on {p['n'] if results else 0} held-out images ({ckpt_path}):"
+    table = "\n".join([header, *rows])
+    failed = [r for r in results if not r["passed"]]
+    if failed:
+        console.print(table)
+        raise CheckFailed(f"{len(failed)} demo artifact(s) failed parity")
+    return {
+        "checkpoint": str(ckpt_path),
+        "results": results,
+        "table": table,
+        "accuracy": float(np.mean([r["parity"]["accuracy"] for r in results])),
+    }

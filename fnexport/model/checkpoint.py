@@ -1,0 +1,228 @@
+"""Checkpoint layouts users bring, remapped onto the official FasterNet names."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fnexport.console import log
+from fnexport.errors import BadInput
+from fnexport.model.fasternet import VARIANTS, FasterNet, FasterNetConfig, default_act
+
+# Wrappers training frameworks put around the weights, in the order we look for them.
+WRAPPER_KEYS = ("state_dict", "model", "ema", "model_ema", "state_dict_ema", "module")
+# Prefixes a whole-model wrapper adds to every key: Lightning, DDP, torch.compile.
+STRIP_PREFIXES = ("model.", "module.", "_orig_mod.")
+# Distillation weights stored beside the student in the official Lightning checkpoints.
+IGNORE_PREFIXES = ("teacher_model.",)
+# timm re-indexes stages 0..3 and moves each merging layer inside the next stage.
+TIMM_TO_OFFICIAL = (
+    ("stages.1.downsample.", "stages.1."),
+    ("stages.1.", "stages.2."),
+    ("stages.2.downsample.", "stages.3."),
+    ("stages.2.", "stages.4."),
+    ("stages.3.downsample.", "stages.5."),
+    ("stages.3.", "stages.6."),
+    ("conv_head.", "avgpool_pre_head.1."),
+    ("classifier.", "head."),
+)
+LABEL_KEYS = ("labels", "class_names", "classes")
+
+
+@dataclass
+class Checkpoint:
+    """A loaded FasterNet (eval mode, as trained) and where it came from."""
+
+    model: FasterNet
+    config: FasterNetConfig
+    path: str
+    sha256: str | None
+    layout: str
+    labels: list[str] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).stem if self.sha256 else self.path
+
+    def source(self) -> dict:
+        return {"path": self.path, "sha256": self.sha256, "layout": self.layout}
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_checkpoint(spec: str | Path, act: str | None = None, unsafe_load: bool = False) -> Checkpoint:
+    """Load a checkpoint file, or build a randomly initialised model from a variant name."""
+    spec = str(spec)
+    if spec in VARIANTS and not Path(spec).exists():
+        cfg = VARIANTS[spec]
+        if act:
+            cfg = FasterNetConfig(**{**cfg.__dict__, "act": act})
+        log.warning("%s: no weights given, building a randomly initialised model (nothing is downloaded)", spec)
+        torch.manual_seed(0)
+        return Checkpoint(FasterNet(cfg).eval(), cfg, spec, None, "random-init")
+    path = Path(spec)
+    if not path.is_file():
+        known = ", ".join(VARIANTS)
+        raise BadInput(f"{path}: no such file (give a checkpoint path or a variant name: {known})")
+    if path.stat().st_size == 0:
+        raise BadInput(f"{path}: the file is empty; re-copy or re-save the checkpoint")
+    obj = _read(path, unsafe_load)
+    labels = _labels(obj)
+    state, layout = _state_dict(obj, path)
+    cfg = infer_config(state, path, act)
+    model = FasterNet(cfg)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        shapes = [ln.strip() for ln in str(err).splitlines() if "size mismatch" in ln]
+        raise BadInput(f"{path}: weights do not fit a FasterNet ({'; '.join(shapes[:2]) or err})") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise BadInput(f"{path}: {layout} layout does not match a FasterNet: {_summary(result)}")
+    return Checkpoint(model.eval(), cfg, str(path), sha256_file(path), layout, labels)
+
+
+def _read(path: Path, unsafe_load: bool) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not unsafe_load)
+    except pickle.UnpicklingError as err:
+        if "weights_only" in str(err) or "Weights only load failed" in str(err):
+            first = str(err).split("Please file an issue")[0].strip().splitlines()
+            why = next((ln.strip() for ln in first if "GLOBAL" in ln or "Unsupported" in ln), "")
+            raise BadInput(
+                f"{path}: refused to unpickle Python objects ({why or 'not plain tensors'}); "
+                "it may run code. If you trust the file, pass --unsafe-load"
+            ) from None
+        raise BadInput(f"{path}: not a readable checkpoint ({err}); re-save it with torch.save") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise BadInput(f"{path}: truncated or not a PyTorch checkpoint ({reason}); re-copy or re-save it") from None
+
+
+def _labels(obj: object) -> list[str] | None:
+    if isinstance(obj, dict):
+        for key in LABEL_KEYS:
+            value = obj.get(key)
+            if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+                return list(value)
+    return None
+
+
+def _is_state_dict(obj: object) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _state_dict(obj: object, path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """Unwrap, strip prefixes and remap to official keys; returns the state dict and the layout name."""
+    wrappers: list[str] = []
+    while True:
+        if isinstance(obj, nn.Module):
+            wrappers.append("pickled module")
+            obj = obj.state_dict()
+            continue
+        if not isinstance(obj, dict):
+            raise BadInput(f"{path}: holds a {type(obj).__name__}, not a FasterNet state dict")
+        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if any(str(k).endswith("patch_embed.proj.weight") or k == "stem.0.weight" for k in tensors):
+            break
+        key = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), (dict, nn.Module))), None)
+        if key is None:
+            sample = ", ".join(list(map(str, obj))[:6])
+            raise BadInput(
+                f"{path}: no FasterNet weights found (top-level keys: {sample}); is this a FasterNet checkpoint?"
+            )
+        wrappers.append(key)
+        obj = obj[key]
+    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor) and not k.startswith(IGNORE_PREFIXES)}
+    ignored = len(obj) - len(state)
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in STRIP_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix) :]: v for k, v in state.items()}
+                wrappers.append(prefix.rstrip("."))
+                stripped = True
+    layout = "official"
+    if "state_dict" in wrappers and "model" in wrappers:
+        layout = "lightning"
+    if "conv_head.weight" in state or any(".downsample." in k for k in state):
+        layout = "timm"
+        state = {_remap(k, TIMM_TO_OFFICIAL): v for k, v in state.items()}
+    if "stem.0.weight" in state:
+        raise BadInput(f"{path}: Paddle reimplementation layout is not supported yet")
+    if ignored:
+        log.info("%s: ignored %d non-student entries (e.g. teacher_model.*)", path, ignored)
+    if wrappers:
+        layout += " (" + " > ".join(wrappers) + ")"
+    return state, layout
+
+
+def _remap(key: str, table: tuple[tuple[str, str], ...]) -> str:
+    for old, new in table:
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
+
+
+def infer_config(state: dict[str, torch.Tensor], path: Path, act: str | None) -> FasterNetConfig:
+    """Read width, depths, n_div, mlp ratio, head and classes off tensor shapes."""
+    try:
+        stem = state["patch_embed.proj.weight"]
+        embed_dim, in_chans = stem.shape[0], stem.shape[1]
+        depths: dict[int, int] = {}
+        for key in state:
+            m = re.match(r"stages\.(\d+)\.blocks\.(\d+)\.", key)
+            if m:
+                stage, block = int(m[1]), int(m[2])
+                depths[stage] = max(depths.get(stage, 0), block + 1)
+        if sorted(depths) != list(range(0, 2 * len(depths), 2)):
+            raise KeyError(f"stages {sorted(depths)} are not 0, 2, 4, ...")
+        pconv = state["stages.0.blocks.0.spatial_mixing.partial_conv3.weight"].shape[0]
+        hidden = state["stages.0.blocks.0.mlp.0.weight"].shape[0]
+        feature_dim = state["avgpool_pre_head.1.weight"].shape[0]
+        num_classes = state["head.weight"].shape[0]
+    except KeyError as err:
+        raise BadInput(f"{path}: not a FasterNet classifier checkpoint (missing {err})") from None
+    if embed_dim % pconv:
+        raise BadInput(f"{path}: PConv width {pconv} does not divide embed_dim {embed_dim}")
+    chosen = act or default_act(embed_dim)
+    if chosen is None:
+        raise BadInput(
+            f"{path}: embed_dim {embed_dim} is not a paper variant, so the activation cannot be "
+            "read off the weights; pass --act gelu or --act relu"
+        )
+    return FasterNetConfig(
+        embed_dim=embed_dim,
+        depths=tuple(depths[k] for k in sorted(depths)),
+        act=chosen,
+        num_classes=num_classes,
+        n_div=embed_dim // pconv,
+        mlp_ratio=hidden / embed_dim,
+        feature_dim=feature_dim,
+        layer_scale=any(k.endswith(".layer_scale") for k in state),
+        in_chans=in_chans,
+    )
+
+
+def _summary(result: object) -> str:
+    parts = []
+    for name in ("missing_keys", "unexpected_keys"):
+        keys = getattr(result, name)
+        if keys:
+            shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            parts.append(f"{len(keys)} {name.replace('_', ' ')} ({shown})")
+    return "; ".join(parts)

@@ -1,0 +1,155 @@
+"""ONNX: fnexport's clean graph (BN folded, PConv as Split/Conv/Concat), run by ONNX Runtime."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from fnexport import __version__
+from fnexport.console import require
+from fnexport.errors import FnexportError
+from fnexport.recipes import Recipe
+
+if TYPE_CHECKING:
+    from fnexport.targets import Exported, Source
+
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+# Ops that must never reach an fnexport graph: BN is folded, ScatterND is the `slicing` PConv.
+FORBIDDEN_OPS = ("BatchNormalization", "ScatterND")
+
+
+def export_onnx(src: Source, path: Path) -> Path:
+    """Export the reparameterized model to a single-file, simplified, checked ONNX with metadata."""
+    import onnx
+    import onnxslim
+
+    recipe = src.recipe
+    # split_cat, not slicing: slicing exports as ScatterND plus ~50 Shape/Range/Where nodes per
+    # block, none removed by onnxsim/onnxslim, and the dynamo exporter then pins batch to 1.
+    tmp = export_plain(
+        src.module("split_cat"), path.with_suffix(".raw.onnx"), recipe.imgsz, recipe.batch, recipe.dynamic, recipe.opset
+    )
+    graph = onnxslim.slim(onnx.load(str(tmp)))
+    tmp.unlink()
+    ops = Counter(n.op_type for n in graph.graph.node)
+    bad = {op: ops[op] for op in FORBIDDEN_OPS if ops[op]}
+    if bad:
+        raise FnexportError(f"exported graph still holds {bad}; reparameterization missed a layer")
+    meta = metadata(src)
+    del graph.metadata_props[:]
+    for key, value in meta.items():
+        graph.metadata_props.add(key=key, value=value)
+    graph.producer_name, graph.producer_version = "fnexport", __version__
+    onnx.checker.check_model(graph, full_check=True)
+    onnx.save(graph, str(path))
+    return path
+
+
+def export_plain(model, path: Path, imgsz: int, batch: int = 1, dynamic: bool = True, opset: int = 18) -> Path:
+    """torch.onnx.export (dynamo) of `model` as it is, single file, stdout kept clean."""
+    import torch
+
+    x = torch.zeros(batch, 3, imgsz, imgsz)
+    kwargs: dict[str, Any] = {}
+    if dynamic:
+        kwargs["dynamic_shapes"] = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}}
+    # The exporter prints progress on stdout, which is reserved for machine output, and warns
+    # about torchvision ops this model never uses.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model.eval(),
+            (x,),
+            str(path),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            opset_version=opset,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+            **kwargs,
+        )
+    return path
+
+
+def metadata(src: Source) -> dict[str, str]:
+    """Model config and preprocessing as ONNX metadata props, so the file explains itself."""
+    p = src.recipe.preprocess
+    meta = {
+        "fnexport.model": json.dumps(src.ckpt.config.to_dict(), sort_keys=True),
+        "fnexport.preprocess": json.dumps(
+            {
+                "size": src.recipe.imgsz,
+                "mean": list(p.mean),
+                "std": list(p.std),
+                "crop_pct": p.crop_pct,
+                "interpolation": p.interpolation,
+                "layout": "NCHW RGB float32",
+            },
+            sort_keys=True,
+        ),
+    }
+    if src.ckpt.labels:
+        meta["fnexport.labels"] = json.dumps(src.ckpt.labels)
+    return meta
+
+
+def op_counts(path: Path) -> dict[str, int]:
+    import onnx
+
+    return dict(Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node).most_common())
+
+
+class OrtRunner:
+    """ONNX Runtime on CPU for `.onnx` and `.ort` files."""
+
+    def __init__(self, artifact: Path, threads: int | None = None) -> None:
+        ort = require("onnxruntime", "onnx")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(artifact), opts, providers=["CPUExecutionProvider"])
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
+        self.info = {
+            "runtime": f"onnxruntime {ort.__version__}",
+            "provider": self.session.get_providers()[0],
+            "threads": threads or os.cpu_count(),
+        }
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, np.float32)})[0]
+
+    def close(self) -> None:
+        del self.session
+
+
+class OnnxTarget:
+    name: ClassVar[str] = "onnx"
+    precisions: ClassVar[tuple[str, ...]] = ("fp32",)
+    pconv_form: ClassVar[str] = "split_cat"
+    packages: ClassVar[tuple[str, ...]] = ("onnxruntime", "onnxslim", "onnxscript")
+
+    def export(self, src: Source, out_dir: Path, recipe: Recipe) -> Exported:
+        from fnexport.targets import Exported
+
+        path = out_dir / "model.onnx"
+        path.write_bytes(src.onnx().read_bytes())
+        return Exported(path, {"opset": recipe.opset, "pconv_form": self.pconv_form, "ops": op_counts(path)})
+
+    def runner(self, artifact: Path, manifest: dict, threads: int | None = None) -> OrtRunner:
+        return OrtRunner(artifact, threads)
