@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rich.progress import Progress, TextColumn
+
 from fnexport.console import console, log, step
 from fnexport.data import Preprocess, embedded, load_images
 from fnexport.errors import BackendUnavailable, CheckFailed
@@ -35,32 +37,33 @@ def split_digits(out: Path) -> tuple[Path, Path]:
     return train, test
 
 
-def train_digits(train_dir: Path, seconds: float = 40.0, seed: int = 0) -> FasterNet:
-    """Train a FasterNet-T0 (10 classes) within a time budget; BN statistics become real ones."""
+def train_digits(train_dir: Path, steps: int = 200, seed: int = 0) -> FasterNet:
+    """Train a FasterNet-T0 (10 classes) for a fixed number of steps, so the result is reproducible."""
     torch.manual_seed(seed)
     data = load_images(train_dir, DIGITS_PRE)
     x, y = torch.from_numpy(data.x), torch.from_numpy(data.labels)
     model = FasterNet(VARIANTS["fasternet_t0"].__class__(**{**VARIANTS["fasternet_t0"].__dict__, "num_classes": 10}))
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
     gen = torch.Generator().manual_seed(seed)
-    start, steps = time.perf_counter(), 0
+    start, done = time.perf_counter(), 0
     model.train()
-    with console.status("Training FasterNet-T0 on digits") as status:
-        while time.perf_counter() - start < seconds:
+    with Progress(*Progress.get_default_columns(), TextColumn("loss {task.fields[loss]:.3f}"), console=console, transient=True) as bar:
+        task = bar.add_task("Training FasterNet-T0 on digits", total=steps, loss=float("nan"))
+        while done < steps:
             for idx in torch.randperm(len(x), generator=gen).split(64):
                 loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx], label_smoothing=0.1)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                steps += 1
-                status.update(f"Training FasterNet-T0 on digits: step {steps}, loss {loss.item():.3f}")
-                if time.perf_counter() - start > seconds:
+                done += 1
+                bar.update(task, advance=1, loss=loss.item())
+                if done == steps:
                     break
     log.info("Trained %d steps in %.0f s", steps, time.perf_counter() - start)
     return model.eval()
 
 
-def run_demo(out: Path, seconds: float = 40.0) -> dict:
+def run_demo(out: Path, steps: int = 200) -> dict:
     """Train, save a checkpoint, convert to every installed target, and tabulate parity and accuracy."""
     from fnexport.cli import make_recipe
     from fnexport.convert import convert
@@ -70,7 +73,7 @@ def run_demo(out: Path, seconds: float = 40.0) -> dict:
     train_dir, test_dir = split_digits(out)
     ckpt_path = out / "fasternet_t0_digits.pth"
     if not ckpt_path.exists():
-        model = train_digits(train_dir, seconds)
+        model = train_digits(train_dir, steps)
         torch.save({"state_dict": model.state_dict(), "labels": LABELS}, ckpt_path)
     ckpt = load_checkpoint(ckpt_path)
     rows, results = [], []

@@ -104,6 +104,95 @@ def metadata(src: Source) -> dict[str, str]:
     return meta
 
 
+CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+
+
+def quantize_int8(
+    src_onnx: Path,
+    out: Path,
+    calib_x: np.ndarray,
+    method: str = "minmax",
+    per_channel: bool = True,
+    symmetric_activations: bool = True,
+    weight_symmetric: bool = True,
+    op_types: list[str] | None = None,
+    extra_options: dict[str, Any] | None = None,
+    nodes_to_exclude: list[str] | None = None,
+) -> dict[str, Any]:
+    """Static INT8 post-training quantization in QDQ format with ONNX Runtime; returns manifest details."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    graph = onnx.load(str(src_onnx))
+    inp = graph.graph.input[0]
+    dim0 = inp.type.tensor_type.shape.dim[0]
+    step_size = dim0.dim_value if dim0.HasField("dim_value") else 16
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.chunks = iter(_fixed_batches(calib_x, step_size))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            chunk = next(self.chunks, None)
+            return None if chunk is None else {inp.name: chunk}
+
+    options = {
+        "ActivationSymmetric": symmetric_activations,
+        "WeightSymmetric": weight_symmetric,
+        # MinMax keeps a running range; without a cap it holds every activation of every image.
+        "CalibMaxIntermediateOutputs": 8,
+        **(extra_options or {}),
+    }
+    with contextlib.redirect_stdout(sys.stderr):
+        quantize_static(
+            str(src_onnx),
+            str(out),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=per_channel,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[method]),
+            op_types_to_quantize=op_types,
+            nodes_to_exclude=nodes_to_exclude,
+            extra_options=options,
+        )
+    return {
+        "quantizer": "onnxruntime.quantization.quantize_static",
+        "format": "QDQ",
+        "activations": "int8 per-tensor " + ("symmetric" if symmetric_activations else "asymmetric"),
+        "weights": "int8 " + ("per-channel" if per_channel else "per-tensor") + (" symmetric" if weight_symmetric else ""),
+        "calibration_method": method,
+        "calibration_samples": len(calib_x),
+        "op_types": op_types or "default",
+    }
+
+
+def _fixed_batches(x: np.ndarray, size: int) -> list[np.ndarray]:
+    """Chunks of exactly `size` (the last padded by repeating its final image) for static-batch graphs."""
+    chunks = []
+    for i in range(0, len(x), size):
+        part = x[i : i + size]
+        if len(part) < size:
+            part = np.concatenate([part, np.repeat(part[-1:], size - len(part), axis=0)])
+        chunks.append(np.ascontiguousarray(part, np.float32))
+    return chunks
+
+
+def convert_fp16(src_onnx: Path, out: Path, keep_fp32_ops: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Weights and compute in FP16 (onnxconverter-common), FP32 inputs and outputs kept."""
+    import onnx
+    from onnxconverter_common import float16
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # it warns for every weight it clips to the FP16 range
+        graph = float16.convert_float_to_float16(
+            onnx.load(str(src_onnx)), keep_io_types=True, op_block_list=list(keep_fp32_ops) or None
+        )
+    onnx.save(graph, str(out))
+    return {"converter": "onnxconverter_common.float16", "io": "float32", "fp32_ops": list(keep_fp32_ops)}
+
+
 def op_counts(path: Path) -> dict[str, int]:
     import onnx
 
