@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import pickle
 import re
@@ -9,6 +10,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -34,6 +36,35 @@ TIMM_TO_OFFICIAL = (
     ("classifier.", "head."),
 )
 LABEL_KEYS = ("labels", "class_names", "classes")
+# The PaddlePaddle CIFAR-10 tutorial's names (whole keys; `j` is the block, merging layers sit at odd `feature`
+# indices). Its BN buffers are `_mean`/`_variance`; its `fc.weight` is stored (in, out), see _from_paddle.
+PADDLE_TO_OFFICIAL = (
+    (r"stem\.0\.weight", r"patch_embed.proj.weight"),
+    (r"stem\.1\.(\w+)", r"patch_embed.norm.\1"),
+    (r"feature\.(\d+)\.(\d+)\.pconv\.conv\.weight", r"stages.\1.blocks.\2.spatial_mixing.partial_conv3.weight"),
+    (r"feature\.(\d+)\.(\d+)\.conv1\.weight", r"stages.\1.blocks.\2.mlp.0.weight"),
+    (r"feature\.(\d+)\.(\d+)\.bn\.(\w+)", r"stages.\1.blocks.\2.mlp.1.\3"),
+    (r"feature\.(\d+)\.(\d+)\.conv2\.weight", r"stages.\1.blocks.\2.mlp.3.weight"),
+    (r"feature\.(\d+)\.0\.weight", r"stages.\1.reduction.weight"),
+    (r"feature\.(\d+)\.1\.(\w+)", r"stages.\1.norm.\2"),
+    (r"conv1\.weight", r"avgpool_pre_head.1.weight"),
+    (r"fc\.(weight|bias)", r"head.\1"),
+)
+PADDLE_BN_BUFFERS = {"_mean": "running_mean", "_variance": "running_var"}
+# paddle.save writes this name map beside the arrays; it is not a weight.
+PADDLE_NAME_TABLE = "StructuredToParameterName@@"
+# All a `.pdparams` pickle needs to rebuild float arrays; numpy 2 writes `numpy._core`, numpy 1 `numpy.core`.
+# Anything else named in the file is refused before it is imported, so nothing from the file runs.
+try:
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # numpy < 2 without the `_core` alias
+    from numpy.core.multiarray import _reconstruct
+PDPARAMS_GLOBALS = {
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
 
 
 @dataclass
@@ -84,6 +115,8 @@ def load_checkpoint(spec: str | Path, act: str | None = None, unsafe_load: bool 
     labels = _labels(obj)
     state, layout = _state_dict(obj, path)
     cfg = infer_config(state, path, act)
+    if layout.startswith("paddle"):
+        cfg = dataclasses.replace(cfg, post_norm_act=True)
     model = FasterNet(cfg)
     try:
         result = model.load_state_dict(state, strict=False)
@@ -96,6 +129,8 @@ def load_checkpoint(spec: str | Path, act: str | None = None, unsafe_load: bool 
 
 
 def _read(path: Path, unsafe_load: bool) -> object:
+    if _is_pdparams(path):
+        return _read_pdparams(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=not unsafe_load)
     except pickle.UnpicklingError as err:
@@ -110,6 +145,53 @@ def _read(path: Path, unsafe_load: bool) -> object:
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise BadInput(f"{path}: truncated or not a PyTorch checkpoint ({reason}); re-copy or re-save it") from None
+
+
+def _is_pdparams(path: Path) -> bool:
+    """A Paddle parameter file: by name, or a bare pickle of protocol 3+ (torch's legacy format uses 2)."""
+    if path.suffix == ".pdparams":
+        return True
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return len(head) == 2 and head[0] == 0x80 and head[1] >= 3 and not zipfile.is_zipfile(path)
+
+
+class _Refused(pickle.UnpicklingError):
+    """The pickle names a global outside PDPARAMS_GLOBALS."""
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> object:
+        try:
+            return PDPARAMS_GLOBALS[(module, name)]
+        except KeyError:
+            raise _Refused(f"{module}.{name}") from None
+
+
+def _read_pdparams(path: Path) -> dict[str, object]:
+    """A paddle.save()d state dict as torch tensors, unpickled with numpy's array globals only."""
+    try:
+        with open(path, "rb") as f:
+            obj = _NumpyOnlyUnpickler(f).load()
+    except _Refused as err:
+        raise BadInput(
+            f"{path}: refused to unpickle {err} (a .pdparams holds only numpy arrays; this file may run code)"
+        ) from None
+    except Exception as err:  # only the unpickler ran, on the file's bytes: whatever it raised, the file is bad
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise BadInput(f"{path}: truncated or not a Paddle .pdparams file ({reason[:120]}); re-copy it") from None
+    if not isinstance(obj, dict):
+        raise BadInput(f"{path}: holds a {type(obj).__name__}, not a Paddle state dict (save model.state_dict())")
+    state: dict[str, object] = {}
+    for key, value in obj.items():
+        if key == PADDLE_NAME_TABLE:
+            continue
+        if isinstance(value, np.ndarray):
+            if value.dtype.kind != "f":
+                raise BadInput(f"{path}: {key} is a {value.dtype} array, not floating-point weights")
+            value = torch.tensor(value, dtype=torch.float32)
+        state[key] = value
+    return state
 
 
 def _labels(obj: object) -> list[str] | None:
@@ -163,7 +245,8 @@ def _state_dict(obj: object, path: Path) -> tuple[dict[str, torch.Tensor], str]:
         layout = "timm"
         state = {_remap(k, TIMM_TO_OFFICIAL): v for k, v in state.items()}
     if "stem.0.weight" in state:
-        raise BadInput(f"{path}: Paddle reimplementation layout is not supported yet")
+        layout = "paddle"
+        state = _from_paddle(state)
     if ignored:
         log.info("%s: ignored %d non-student entries (e.g. teacher_model.*)", path, ignored)
     if wrappers:
@@ -176,6 +259,21 @@ def _remap(key: str, table: tuple[tuple[str, str], ...]) -> str:
         if key.startswith(old):
             return new + key[len(old) :]
     return key
+
+
+def _from_paddle(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official names for the Paddle tutorial's keys; unknown keys pass through for load to report."""
+    out = {}
+    for key, value in state.items():
+        for pattern, repl in PADDLE_TO_OFFICIAL:
+            if re.fullmatch(pattern, key):
+                key = re.sub(pattern, repl, key)
+                head, _, leaf = key.rpartition(".")
+                key = f"{head}.{PADDLE_BN_BUFFERS.get(leaf, leaf)}"
+                break
+        # paddle.nn.Linear stores its weight (in, out); torch's nn.Linear wants (out, in).
+        out[key] = value.t().contiguous() if key == "head.weight" else value
+    return out
 
 
 def infer_config(state: dict[str, torch.Tensor], path: Path, act: str | None) -> FasterNetConfig:
