@@ -209,3 +209,32 @@ def _write_natural(out: Path) -> int:
                 view.save(out / f"{name}_{j}.jpg", quality=92)
             count += 1
     return count
+
+
+def make_calibration(
+    source: Path, out: Path, per_class: int | None = None, samples: int | None = None, seed: int = 0
+) -> int:
+    """Copy a seeded, stratified sample of an ImageNet-style tree (per_class images per class) into `out`."""
+    source = Path(source)
+    files = list_images(source) if source.is_dir() else []
+    if not files:
+        raise BadInput(
+            f"{source}: no images found; give an ImageFolder tree (one folder per class) or a folder of images"
+        )
+    groups: dict[str, list[Path]] = {}
+    for f in files:
+        rel = f.relative_to(source)
+        groups.setdefault(rel.parts[0] if len(rel.parts) > 1 else "", []).append(f)
+    rng = random.Random(seed)
+    chosen: list[Path] = []
+    if per_class is not None:
+        for key in sorted(groups):
+            chosen += sorted(rng.sample(groups[key], min(per_class, len(groups[key]))))
+    else:
+        chosen = sorted(rng.sample(files, min(samples or len(files), len(files))))
+    out.mkdir(parents=True, exist_ok=True)
+    for f in chosen:
+        dest = out / f.relative_to(source)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, dest)
+    return len(chosen)

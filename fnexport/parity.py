@@ -123,3 +123,208 @@ def compare(ref: np.ndarray, out: np.ndarray, tol: Tolerance, labels: np.ndarray
     if tol.min_top1 is not None and not report.top1 >= tol.min_top1:
         report.failures.append(f"top-1 agreement {report.top1:.2%} < {tol.min_top1:.0%}")
     return report
+
+
+def labels_for(model_labels: list[str] | None, num_classes: int, data) -> np.ndarray | None:
+    """Dataset labels as model class indices, when the folder's classes can be matched to the model's."""
+    if data.labels is None or data.classes is None:
+        return None
+    if model_labels:
+        if not set(data.classes) <= set(model_labels):
+            return None
+        return np.array([model_labels.index(data.classes[i]) for i in data.labels])
+    return data.labels if len(data.classes) == num_classes else None
+
+
+# A layer "diverges" when its output differs from PyTorch's by more than this fraction of its range.
+LOCALIZE_REL = {"fp32": 1e-3, "fp16": 1e-2, "bf16": 3e-2}
+LOCALIZE_REL_DEFAULT = 0.1  # quantized: INT8 layers sit at ~1-3% each when healthy
+
+
+def localize(model: torch.nn.Module, onnx_path, x: np.ndarray, precision: str) -> dict:
+    """Name the first Conv/Gemm (by PyTorch module name) whose ONNX output diverges from PyTorch's."""
+    import onnx
+    import onnxruntime as ort
+
+    from fnexport.model.reparam import reparameterize
+
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(onnx_path)))
+    g = graph.graph
+    inits = {i.name for i in g.initializer}
+    producer = {out: node for node in g.node for out in node.output}
+
+    def weight_name(tensor: str) -> str | None:
+        # Follow DequantizeLinear/Cast back to the initializer, whose name is the PyTorch parameter's.
+        while (
+            tensor not in inits
+            and tensor in producer
+            and producer[tensor].op_type in ("DequantizeLinear", "Cast", "Identity")
+        ):
+            tensor = producer[tensor].input[0]
+        tensor = tensor.removesuffix("_quantized")
+        return tensor if tensor.endswith(".weight") else None
+
+    layers = []
+    for node in g.node:
+        if node.op_type in ("Conv", "Gemm", "MatMul") and len(node.input) > 1:
+            name = weight_name(node.input[1])
+            if name:
+                layers.append((name.removesuffix(".weight"), node.output[0], node.name or node.op_type))
+    known = {v.name: v for v in (*g.value_info, *g.output)}
+    del g.output[:]
+    for _, tensor, _ in layers:
+        g.output.append(known.get(tensor) or onnx.helper.make_empty_tensor_value_info(tensor))
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    outs = session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(x, np.float32)})
+
+    folded = reparameterize(model, "split_cat")
+    modules = dict(folded.named_modules())
+    captured: dict[str, np.ndarray] = {}
+    hooks = [
+        modules[name].register_forward_hook(lambda m, i, o, name=name: captured.__setitem__(name, o.detach().numpy()))
+        for name, _, _ in layers
+        if name in modules
+    ]
+    with torch.no_grad():
+        folded(torch.from_numpy(x))
+    for h in hooks:
+        h.remove()
+    limit = LOCALIZE_REL.get(precision, LOCALIZE_REL_DEFAULT)
+    per_layer = []
+    for (name, tensor, node), out in zip(layers, outs, strict=True):
+        if name not in captured:
+            continue
+        ref = captured[name].reshape(out.shape)
+        rel = float(np.abs(out.astype(np.float64) - ref).max() / (np.abs(ref).max() + 1e-12))
+        per_layer.append({"module": name, "onnx_node": node, "onnx_tensor": tensor, "rel_error": rel})
+    first = next((row for row in per_layer if row["rel_error"] > limit), None)
+    return {"first_divergent": first, "threshold_rel": limit, "layers": per_layer}
+
+
+@dataclass
+class ArtifactResult:
+    """One artifact's verdict in a gate run: PASS, FAIL or NOT RUN (with the reason)."""
+
+    dir: str
+    target: str
+    precision: str
+    status: str
+    report: ParityReport | None = None
+    reason: str = ""
+    localized: dict | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["report"] = self.report.to_dict() if self.report else None
+        return d
+
+
+def gate(
+    ckpt,
+    dirs: list,
+    data: str | None = None,
+    samples: int = 200,
+    override: Tolerance | None = None,
+    localize_failures: bool = False,
+    threads: int | None = None,
+) -> list[ArtifactResult]:
+    """Verify every artifact's hash first, then run each against the original model on the same inputs."""
+    from pathlib import Path
+
+    from fnexport import manifest as mf
+    from fnexport.console import log, step
+    from fnexport.data import Preprocess, load_images
+    from fnexport.errors import BackendUnavailable, CheckFailed
+    from fnexport.targets import DEFAULT_DATA, get_target
+
+    manifests, bad = [], []
+    for d in map(Path, dirs):
+        try:
+            manifests.append((d, mf.read(d, verify=True)))
+        except CheckFailed as err:
+            bad.append(str(err))
+    if bad:
+        raise CheckFailed("integrity check failed, nothing was run: " + "; ".join(bad))
+    inputs: dict[Preprocess, tuple] = {}
+    results = []
+    for d, manifest in manifests:
+        if manifest["source"].get("sha256") and ckpt.sha256 and manifest["source"]["sha256"] != ckpt.sha256:
+            log.warning("%s was converted from %s, not from %s: expect drift", d, manifest["source"]["path"], ckpt.path)
+        spec = manifest["input"]
+        pre = Preprocess(
+            spec["shape"][2], tuple(spec["mean"]), tuple(spec["std"]), spec["crop_pct"], spec["interpolation"]
+        )
+        if pre not in inputs:
+            images = load_images(data or DEFAULT_DATA, pre, samples, seed=1)
+            inputs[pre] = (images, reference(ckpt.model, images.x))
+        images, ref = inputs[pre]
+        target = get_target(manifest["target"])
+        precision = manifest["precision"]
+        recipe_tol = Tolerance(**manifest.get("recipe", {}).get("tolerance", {}))
+        tol = tolerance_for(precision, recipe_tol)
+        if override is not None:
+            tol = tolerance_for(precision, Tolerance(**{**tol.model_dump(), **override.model_dump(exclude_none=True)}))
+        artifact = d / manifest["artifact"]
+        try:
+            runner = target.runner(artifact, manifest, threads)
+        except BackendUnavailable as err:
+            results.append(ArtifactResult(str(d), target.name, precision, "NOT RUN", reason=str(err)))
+            continue
+        with step(f"Running {target.name} {precision} ({d}) on {len(images.x)} images"):
+            try:
+                report = compare(
+                    ref, run(runner, images.x), tol, labels_for(ckpt.labels, ckpt.config.num_classes, images)
+                )
+                report.ran = dict(runner.info)
+            finally:
+                runner.close()
+        result = ArtifactResult(
+            str(d), target.name, precision, "PASS" if report else "FAIL", report, "; ".join(report.failures)
+        )
+        if not report and localize_failures:
+            if artifact.suffix == ".onnx":
+                with step(f"Localizing the drift in {artifact}"):
+                    result.localized = localize(ckpt.model, artifact, images.x[: runner.batch or 4], precision)
+            else:
+                result.localized = {
+                    "first_divergent": None,
+                    "note": f"localization needs an .onnx artifact, not {artifact.suffix}",
+                }
+        results.append(result)
+    return results
+
+
+def passed(results: list[ArtifactResult], allow_not_run: bool = False) -> bool:
+    return all(r.status == "PASS" or (allow_not_run and r.status == "NOT RUN") for r in results)
+
+
+def markdown(results: list[ArtifactResult], data: str) -> str:
+    """A Markdown table for CI job summaries."""
+    lines = [
+        f"Parity against PyTorch (original model, BatchNorm unfolded) on {data}",
+        "",
+        "| artifact | target | precision | status | images | max abs | mean abs | max rel | cosine | top-1 | top-5 | accuracy (ref) | reason |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        p = r.report
+        if p is None:
+            cells = ["-"] * 8
+        else:
+            acc = "-" if p.accuracy is None else f"{p.accuracy:.2%} ({p.ref_accuracy:.2%})"
+            cells = [
+                str(p.n),
+                f"{p.max_abs:.2e}",
+                f"{p.mean_abs:.2e}",
+                f"{p.max_rel:.2e}",
+                f"{p.cosine:.6f}",
+                f"{p.top1:.2%}",
+                f"{p.top5:.2%}",
+                acc,
+            ]
+        reason = r.reason
+        if r.localized and r.localized.get("first_divergent"):
+            first = r.localized["first_divergent"]
+            reason += f"; first divergent layer: {first['module']} (rel error {first['rel_error']:.2e})"
+        lines.append(f"| {r.dir} | {r.target} | {r.precision} | {r.status} | " + " | ".join(cells) + f" | {reason} |")
+    return "\n".join(lines) + "\n"

@@ -50,7 +50,22 @@ def test_convert_json_on_stdout(converted):
 
 
 def test_convert_prints_the_artifact_path(layouts, tmp_path):
-    code, stdout, stderr = cli("convert", str(layouts["timm"]), "--imgsz", "64", "-o", str(tmp_path / "x"), "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5", "--crop-pct", "1.0", "--interpolation", "bilinear")
+    code, stdout, stderr = cli(
+        "convert",
+        str(layouts["timm"]),
+        "--imgsz",
+        "64",
+        "-o",
+        str(tmp_path / "x"),
+        "--mean",
+        "0.5,0.5,0.5",
+        "--std",
+        "0.5,0.5,0.5",
+        "--crop-pct",
+        "1.0",
+        "--interpolation",
+        "bilinear",
+    )
     assert code == 0, stderr
     assert stdout.strip() == str(tmp_path / "x" / "model.onnx")
     manifest = json.loads((tmp_path / "x" / "manifest.json").read_text())
@@ -107,7 +122,9 @@ def test_truncated_checkpoint_exit_2(layouts, tmp_path):
 
 
 def test_parity_failure_exit_1(layouts, tmp_path):
-    rc, _, stderr = cli("convert", str(layouts["official"]), "--imgsz", "64", "--atol", "1e-12", "-o", str(tmp_path / "o"))
+    rc, _, stderr = cli(
+        "convert", str(layouts["official"]), "--imgsz", "64", "--atol", "1e-12", "-o", str(tmp_path / "o")
+    )
     assert rc == 1 and "parity failed" in stderr
     assert not (tmp_path / "o").exists()
 

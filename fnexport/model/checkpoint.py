@@ -25,6 +25,7 @@ STRIP_PREFIXES = ("model.", "module.", "_orig_mod.")
 # Distillation weights stored beside the student in the official Lightning checkpoints.
 IGNORE_PREFIXES = ("teacher_model.",)
 # timm re-indexes stages 0..3 and moves each merging layer inside the next stage.
+# Order matters: the more specific prefix (with .downsample.) comes first.
 TIMM_TO_OFFICIAL = (
     ("stages.1.downsample.", "stages.1."),
     ("stages.1.", "stages.2."),
@@ -142,9 +143,9 @@ def _read(path: Path, unsafe_load: bool) -> object:
                 "it may run code. If you trust the file, pass --unsafe-load"
             ) from None
         raise BadInput(f"{path}: not a readable checkpoint ({err}); re-save it with torch.save") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+    except Exception as err:  # a damaged file fails anywhere inside the unpickler (KeyError, struct.error, ...)
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise BadInput(f"{path}: truncated or not a PyTorch checkpoint ({reason}); re-copy or re-save it") from None
+        raise BadInput(f"{path}: truncated or not a PyTorch checkpoint ({reason[:120]}); re-copy or re-save it") from None
 
 
 def _is_pdparams(path: Path) -> bool:

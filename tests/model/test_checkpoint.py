@@ -15,7 +15,9 @@ def functional_forward(sd: dict, act: str, x: torch.Tensor, eps: float = 1e-5) -
     a = F.gelu if act == "gelu" else F.relu
 
     def bn(y, p):
-        return F.batch_norm(y, sd[p + "running_mean"], sd[p + "running_var"], sd[p + "weight"], sd[p + "bias"], False, 0.0, eps)
+        return F.batch_norm(
+            y, sd[p + "running_mean"], sd[p + "running_var"], sd[p + "weight"], sd[p + "bias"], False, 0.0, eps
+        )
 
     y = bn(F.conv2d(x, sd["patch_embed.proj.weight"], stride=4), "patch_embed.norm.")
     stages = sorted({int(k.split(".")[1]) for k in sd if k.startswith("stages.")})
@@ -131,7 +133,9 @@ def test_mismatched_checkpoint_is_summarised(t0_model, tmp_path):
     sd["stages.4.blocks.3.extra.weight"] = torch.zeros(1)
     path = tmp_path / "broken.pth"
     torch.save(sd, path)
-    with pytest.raises(BadInput, match=r"broken.pth: .*1 missing keys \(stages.4.blocks.3.mlp.3.weight\); 1 unexpected keys"):
+    with pytest.raises(
+        BadInput, match=r"broken.pth: .*1 missing keys \(stages.4.blocks.3.mlp.3.weight\); 1 unexpected keys"
+    ):
         load_checkpoint(path)
     sd = dict(t0_model.state_dict())
     sd["head.bias"] = torch.zeros(3)

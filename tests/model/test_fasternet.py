@@ -24,7 +24,16 @@ def test_params_and_macs_match_paper(name):
 
 
 def test_custom_config_builds_and_is_named_custom():
-    cfg = FasterNetConfig(embed_dim=48, depths=(1, 1, 3, 1), act="relu", num_classes=5, n_div=2, mlp_ratio=3, feature_dim=320, layer_scale=True)
+    cfg = FasterNetConfig(
+        embed_dim=48,
+        depths=(1, 1, 3, 1),
+        act="relu",
+        num_classes=5,
+        n_div=2,
+        mlp_ratio=3,
+        feature_dim=320,
+        layer_scale=True,
+    )
     model = FasterNet(cfg).eval()
     assert cfg.variant == "custom"
     assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 5)

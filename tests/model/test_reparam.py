@@ -25,7 +25,9 @@ def test_folded_matches_original(t0_model, form):
 
 
 def test_layer_scale_is_folded():
-    cfg = FasterNetConfig(embed_dim=32, depths=(1, 1, 1, 1), act="relu", num_classes=10, layer_scale=True, feature_dim=64)
+    cfg = FasterNetConfig(
+        embed_dim=32, depths=(1, 1, 1, 1), act="relu", num_classes=10, layer_scale=True, feature_dim=64
+    )
     model = randomize_bn(FasterNet(cfg))
     with torch.no_grad():
         for m in model.modules():

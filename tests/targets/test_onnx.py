@@ -42,7 +42,7 @@ def test_custom_width_converts_with_act(custom_model, tmp_path):
 
     path = tmp_path / "custom.pth"
     torch.save({"state_dict": custom_model.state_dict()}, path)
-    out, manifest = convert(load_checkpoint(path, act="relu"), _recipe(batch=2), tmp_path / "out")
+    _out, manifest = convert(load_checkpoint(path, act="relu"), _recipe(batch=2), tmp_path / "out")
     assert manifest["model"]["embed_dim"] == 48 and manifest["model"]["act"] == "relu"
     assert manifest["input"]["shape"] == [2, 3, 64, 64]
     assert manifest["parity"]["passed"]
