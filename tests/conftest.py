@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from fnexport.data import cache_dir
 from fnexport.demo import LABELS, split_digits, train_digits
 from fnexport.model.checkpoint import TIMM_TO_OFFICIAL
 from fnexport.model.fasternet import VARIANTS, FasterNet, FasterNetConfig
@@ -91,8 +94,23 @@ def digits_dirs(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="session")
 def digits_ckpt(digits_dirs, tmp_path_factory) -> Path:
-    """A real FasterNet-T0 trained on digits at 64x64 (~97% held-out accuracy), as the demo makes it."""
-    model = train_digits(digits_dirs[0], steps=120)
+    """A real FasterNet-T0 trained on digits at 64x64 (~97% held-out accuracy), as the demo makes it.
+
+    Training takes ~30 s on 2 idle cores, so the result is cached, keyed by the code that makes it.
+    """
+    import hashlib
+
+    import fnexport.demo
+    import fnexport.model.fasternet
+
+    sources = b"".join(Path(m.__file__).read_bytes() for m in (fnexport.demo, fnexport.model.fasternet))
+    key = hashlib.sha256(sources + torch.__version__.encode()).hexdigest()[:16]
+    cached = cache_dir() / f"test-digits-t0-{key}.pth"
+    if not cached.exists():
+        model = train_digits(digits_dirs[0], steps=120)
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+        torch.save({"state_dict": model.state_dict(), "labels": LABELS}, tmp)
+        os.replace(tmp, cached)
     path = tmp_path_factory.mktemp("digits_ckpt") / "fasternet_t0_digits.pth"
-    torch.save({"state_dict": model.state_dict(), "labels": LABELS}, path)
+    shutil.copyfile(cached, path)
     return path
