@@ -107,6 +107,7 @@ def digits_ckpt(digits_dirs, tmp_path_factory) -> Path:
     key = hashlib.sha256(sources + torch.__version__.encode()).hexdigest()[:16]
     cached = cache_dir() / f"test-digits-t0-{key}.pth"
     if not cached.exists():
+        cached.parent.mkdir(parents=True, exist_ok=True)
         model = train_digits(digits_dirs[0], steps=120)
         tmp = cached.with_suffix(f".{os.getpid()}.tmp")
         torch.save({"state_dict": model.state_dict(), "labels": LABELS}, tmp)
