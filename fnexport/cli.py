@@ -101,6 +101,9 @@ def convert(
         str | None, typer.Option(help="Calibration image folder (or embedded:natural / embedded:digits).")
     ] = None,
     samples: Annotated[int | None, typer.Option(help="Calibration images to use (default 300).")] = None,
+    calib_method: Annotated[
+        str | None, typer.Option(help="INT8 calibration: minmax (default), entropy or percentile.")
+    ] = None,
     data: Annotated[
         str | None, typer.Option(help="Images for the convert-time parity check (default embedded:natural).")
     ] = None,
@@ -117,7 +120,8 @@ def convert(
         dict(
             target=target, precision=precision, imgsz=imgsz, batch=batch, dynamic=dynamic or None,
             opset=opset, mean=_floats3(mean, "--mean"), std=_floats3(std, "--std"), crop_pct=crop_pct,
-            interpolation=interpolation, calib=calib, calib_samples=samples, parity_data=data, atol=atol,
+            interpolation=interpolation, calib=calib, calib_samples=samples, calib_method=calib_method,
+            parity_data=data, atol=atol,
         )
     )  # fmt: skip
     loaded = load_checkpoint(ckpt, act=act, unsafe_load=unsafe_load)
@@ -182,6 +186,41 @@ def doctor(
     missing = [r["backend"] for r in rows if r["backend"] in needed and not r["usable"]]
     if missing:
         raise BackendUnavailable(f"required backend(s) not usable here: {', '.join(missing)}")
+
+
+@app.command("build-engine")
+def build_engine(
+    folder: Annotated[Path, typer.Argument(help="A directory written by `fnexport convert --target tensorrt`.")],
+    workspace: Annotated[float, typer.Option(help="Builder workspace limit, GiB.")] = 4.0,
+    opt_level: Annotated[int, typer.Option(help="Builder optimization level 0-5 (TensorRT default 3).")] = 3,
+    version_compatible: Annotated[
+        bool, typer.Option("--version-compatible", help="Engine loads on later TensorRT releases of the same major.")
+    ] = False,
+    hardware_compat: Annotated[
+        str, typer.Option(help="none, ampere+ (any sm 8.0+ GPU) or same-cc (same compute capability).")
+    ] = "none",
+    timing_cache: Annotated[
+        Path | None, typer.Option(help="Timing cache file, read and updated (default: fnexport's cache).")
+    ] = None,
+    profile: Annotated[
+        str | None, typer.Option(help="MIN,OPT,MAX batch for a --dynamic engine (default 1,16,64).")
+    ] = None,
+    as_json: Json = False,
+) -> None:
+    """Build the TensorRT engine of a prepared directory on this GPU, check its parity, update manifest.json."""
+    from fnexport.targets.tensorrt import EngineOptions, build_engine_dir
+
+    sizes = None
+    if profile is not None:
+        try:
+            sizes = tuple(int(v) for v in profile.split(","))
+        except ValueError:
+            sizes = ()
+        if len(sizes) != 3:
+            raise BadInput(f"--profile {profile!r}: give MIN,OPT,MAX batch sizes, e.g. --profile 1,16,64")
+    opts = EngineOptions(workspace, opt_level, version_compatible, hardware_compat, timing_cache, sizes)
+    manifest = build_engine_dir(folder, opts)
+    _emit(manifest, as_json, str(folder / manifest["artifact"]))
 
 
 @app.command()

@@ -79,6 +79,8 @@ def convert(ckpt: Checkpoint, recipe: Recipe, out: Path | None = None) -> tuple[
                 f"{target.name} {recipe.precision} parity failed: {'; '.join(report.failures)} (nothing written to {out})"
             )
     log.info("Wrote %s", out)
+    if exported.unfinished:
+        raise BackendUnavailable(exported.unfinished.replace("{dir}", str(out)))
     return out, manifest
 
 

@@ -31,6 +31,9 @@ class Runner(Protocol):
 class Exported:
     path: Path  # the artifact (file or directory) inside the output directory
     details: dict[str, Any] = field(default_factory=dict)  # target-specific facts for the manifest
+    # Set when the target wrote a usable intermediate but cannot finish on this machine (TensorRT without a
+    # GPU): convert still writes the directory, then exits 3 with this message ("{dir}" = the output dir).
+    unfinished: str | None = None
 
 
 class Target(Protocol):
@@ -69,8 +72,9 @@ class Source:
 
 # Target modules import their backend inside export()/runner(), so importing them here is cheap.
 from fnexport.targets.onnx import OnnxTarget  # noqa: E402
+from fnexport.targets.tensorrt import TensorRtTarget  # noqa: E402
 
-TARGETS: tuple[Target, ...] = (OnnxTarget(),)
+TARGETS: tuple[Target, ...] = (OnnxTarget(), TensorRtTarget())
 
 
 def get_target(name: str) -> Target:
