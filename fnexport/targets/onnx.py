@@ -40,6 +40,10 @@ def export_onnx(src: Source, path: Path) -> Path:
     )
     graph = onnxslim.slim(onnx.load(str(tmp)))
     tmp.unlink()
+    # onnxslim 0.1.98 lists every value_info twice, which breaks onnxconverter-common's op blocking.
+    unique = {v.name: v for v in graph.graph.value_info}
+    del graph.graph.value_info[:]
+    graph.graph.value_info.extend(unique.values())
     ops = Counter(n.op_type for n in graph.graph.node)
     bad = {op: ops[op] for op in FORBIDDEN_OPS if ops[op]}
     if bad:
@@ -121,16 +125,26 @@ def quantize_int8(
 ) -> dict[str, Any]:
     """Static INT8 post-training quantization in QDQ format with ONNX Runtime; returns manifest details."""
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     graph = onnx.load(str(src_onnx))
     inp = graph.graph.input[0]
     dim0 = inp.type.tensor_type.shape.dim[0]
     step_size = dim0.dim_value if dim0.HasField("dim_value") else 16
 
+    batches = _fixed_batches(calib_x, step_size)
+    n_batches = len(batches)
+
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.chunks = iter(_fixed_batches(calib_x, step_size))
+            self.chunks = iter(batches)
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             chunk = next(self.chunks, None)
@@ -139,13 +153,17 @@ def quantize_int8(
     options = {
         "ActivationSymmetric": symmetric_activations,
         "WeightSymmetric": weight_symmetric,
-        # MinMax keeps a running range; without a cap it holds every activation of every image.
-        "CalibMaxIntermediateOutputs": 8,
+        # MinMax keeps every activation of every image unless capped (GBs at 224). ORT 1.31 raises
+        # "No data is collected" when the batch count is a multiple of the cap, so avoid those.
+        "CalibMaxIntermediateOutputs": next(k for k in range(16, 1, -1) if n_batches % k),
         **(extra_options or {}),
     }
+    # ORT's recommended first step: shape inference and constant folding (same standard ops after).
+    prepared = out.with_suffix(".pre.onnx")
+    quant_pre_process(str(src_onnx), str(prepared), skip_optimization=False)
     with contextlib.redirect_stdout(sys.stderr):
         quantize_static(
-            str(src_onnx),
+            str(prepared),
             str(out),
             Reader(),
             quant_format=QuantFormat.QDQ,
@@ -157,11 +175,14 @@ def quantize_int8(
             nodes_to_exclude=nodes_to_exclude,
             extra_options=options,
         )
+    prepared.unlink()
     return {
         "quantizer": "onnxruntime.quantization.quantize_static",
         "format": "QDQ",
         "activations": "int8 per-tensor " + ("symmetric" if symmetric_activations else "asymmetric"),
-        "weights": "int8 " + ("per-channel" if per_channel else "per-tensor") + (" symmetric" if weight_symmetric else ""),
+        "weights": "int8 "
+        + ("per-channel" if per_channel else "per-tensor")
+        + (" symmetric" if weight_symmetric else ""),
         "calibration_method": method,
         "calibration_samples": len(calib_x),
         "op_types": op_types or "default",
@@ -229,7 +250,7 @@ class OrtRunner:
 
 class OnnxTarget:
     name: ClassVar[str] = "onnx"
-    precisions: ClassVar[tuple[str, ...]] = ("fp32",)
+    precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "int8")
     pconv_form: ClassVar[str] = "split_cat"
     packages: ClassVar[tuple[str, ...]] = ("onnxruntime", "onnxslim", "onnxscript")
 
@@ -237,8 +258,20 @@ class OnnxTarget:
         from fnexport.targets import Exported
 
         path = out_dir / "model.onnx"
-        path.write_bytes(src.onnx().read_bytes())
-        return Exported(path, {"opset": recipe.opset, "pconv_form": self.pconv_form, "ops": op_counts(path)})
+        details: dict[str, Any] = {"opset": recipe.opset, "pconv_form": self.pconv_form}
+        if recipe.precision == "fp16":
+            details |= convert_fp16(src.onnx(), path)
+        elif recipe.precision == "int8":
+            calib = src.calibration()
+            # Symmetric INT8 activations and per-channel weights: what ORT's CPU kernels and
+            # every other INT8 runtime (TensorRT, XNNPACK) accept without re-quantizing.
+            details |= quantize_int8(src.onnx(), path, calib.x, method=recipe.calib_method)
+            details["calibration_data"] = calib.source
+            details["calibration_skipped"] = calib.skipped
+        else:
+            path.write_bytes(src.onnx().read_bytes())
+        details["ops"] = op_counts(path)
+        return Exported(path, details)
 
     def runner(self, artifact: Path, manifest: dict, threads: int | None = None) -> OrtRunner:
         return OrtRunner(artifact, threads)
