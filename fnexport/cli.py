@@ -108,6 +108,10 @@ def convert(
         str | None, typer.Option(help="Images for the convert-time parity check (default embedded:natural).")
     ] = None,
     atol: Annotated[float | None, typer.Option(help="Max abs logit error allowed (FP32 default 1e-3).")] = None,
+    max_drop: Annotated[
+        float | None,
+        typer.Option(help="openvino int8: max top-1 accuracy drop (0.01 = 1 point) on a labelled --calib folder."),
+    ] = None,
     act: Act = None,
     unsafe_load: Unsafe = False,
     as_json: Json = False,
@@ -121,7 +125,7 @@ def convert(
             target=target, precision=precision, imgsz=imgsz, batch=batch, dynamic=dynamic or None,
             opset=opset, mean=_floats3(mean, "--mean"), std=_floats3(std, "--std"), crop_pct=crop_pct,
             interpolation=interpolation, calib=calib, calib_samples=samples, calib_method=calib_method,
-            parity_data=data, atol=atol,
+            parity_data=data, atol=atol, max_drop=max_drop,
         )
     )  # fmt: skip
     loaded = load_checkpoint(ckpt, act=act, unsafe_load=unsafe_load)

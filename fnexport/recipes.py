@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from fnexport.data import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
@@ -51,6 +51,8 @@ class Recipe(_Strict):
     parity_data: str | None = None
     parity_samples: int = Field(32, ge=1)
     tolerance: Tolerance = Tolerance()
+    # Largest absolute top-1 accuracy drop (0.01 = 1 point) INT8 may cost on the labelled calibration set.
+    max_drop: float | None = Field(None, gt=0, lt=1)
 
     @field_validator("imgsz")
     @classmethod
@@ -60,6 +62,14 @@ class Recipe(_Strict):
             raise ValueError(
                 f"{v} is not a multiple of 32 (FasterNet downsamples 32x); try {max(32, round(v / 32) * 32)}"
             )
+        return v
+
+    @field_validator("max_drop")
+    @classmethod
+    def _int8_accuracy_control(cls, v: float | None, info: ValidationInfo) -> float | None:
+        # Only OpenVINO's NNCF accuracy control uses it; silently ignoring it elsewhere would mislead.
+        if v is not None and (info.data.get("target"), info.data.get("precision")) != ("openvino", "int8"):
+            raise ValueError("applies only to --target openvino --precision int8 (NNCF accuracy control)")
         return v
 
     def pre(self) -> Preprocess:

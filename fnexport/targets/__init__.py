@@ -72,9 +72,10 @@ class Source:
 
 # Target modules import their backend inside export()/runner(), so importing them here is cheap.
 from fnexport.targets.onnx import OnnxTarget  # noqa: E402
+from fnexport.targets.openvino import OpenVinoTarget  # noqa: E402
 from fnexport.targets.tensorrt import TensorRtTarget  # noqa: E402
 
-TARGETS: tuple[Target, ...] = (OnnxTarget(), TensorRtTarget())
+TARGETS: tuple[Target, ...] = (OnnxTarget(), OpenVinoTarget(), TensorRtTarget())
 
 
 def get_target(name: str) -> Target:
