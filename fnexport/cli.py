@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import traceback
@@ -73,6 +74,21 @@ def make_recipe(fields: dict[str, Any]):
         raise BadInput(f"--{where}: {first['msg']}") from None
 
 
+def _labels_file(path: Path, num_classes: int) -> list[str]:
+    """Class names from a text file (one per line) or a JSON list; exactly one per model output."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise BadInput(f"--labels {path}: cannot read it ({err})") from None
+    try:
+        names = json.loads(text) if text.lstrip().startswith("[") else [ln.strip() for ln in text.strip().splitlines()]
+    except json.JSONDecodeError as err:
+        raise BadInput(f"--labels {path}: not a JSON list ({err})") from None
+    if len(names) != num_classes or not all(isinstance(n, str) and n for n in names):
+        raise BadInput(f"--labels {path}: {len(names)} names for {num_classes} classes; give one non-empty name each")
+    return names
+
+
 def _emit(obj: Any, as_json: bool, text: str) -> None:
     typer.echo(json.dumps(obj, indent=2, default=str) if as_json else text)
 
@@ -112,6 +128,12 @@ def convert(
         float | None,
         typer.Option(help="openvino int8: max top-1 accuracy drop (0.01 = 1 point) on a labelled --calib folder."),
     ] = None,
+    input_: Annotated[
+        str | None, typer.Option("--input", help="coreml: image (default; preprocessing built in) or tensor.")
+    ] = None,
+    labels: Annotated[
+        Path | None, typer.Option(help="Class names file, one per line or a JSON list (overrides the checkpoint's).")
+    ] = None,
     act: Act = None,
     unsafe_load: Unsafe = False,
     as_json: Json = False,
@@ -125,10 +147,12 @@ def convert(
             target=target, precision=precision, imgsz=imgsz, batch=batch, dynamic=dynamic or None,
             opset=opset, mean=_floats3(mean, "--mean"), std=_floats3(std, "--std"), crop_pct=crop_pct,
             interpolation=interpolation, calib=calib, calib_samples=samples, calib_method=calib_method,
-            parity_data=data, atol=atol, max_drop=max_drop,
+            parity_data=data, atol=atol, max_drop=max_drop, input=input_,
         )
     )  # fmt: skip
     loaded = load_checkpoint(ckpt, act=act, unsafe_load=unsafe_load)
+    if labels is not None:
+        loaded = dataclasses.replace(loaded, labels=_labels_file(labels, loaded.config.num_classes))
     out_dir, manifest = run_convert(loaded, recipe, out)
     _emit(manifest | {"out": str(out_dir)}, as_json, str(out_dir / manifest["artifact"]))
 

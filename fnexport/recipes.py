@@ -53,6 +53,8 @@ class Recipe(_Strict):
     tolerance: Tolerance = Tolerance()
     # Largest absolute top-1 accuracy drop (0.01 = 1 point) INT8 may cost on the labelled calibration set.
     max_drop: float | None = Field(None, gt=0, lt=1)
+    # Core ML only: "image" (default there; preprocessing built in, apps pass pixels) or "tensor" (float NCHW).
+    input: Literal["image", "tensor"] | None = None
 
     @field_validator("imgsz")
     @classmethod
@@ -70,6 +72,13 @@ class Recipe(_Strict):
         # Only OpenVINO's NNCF accuracy control uses it; silently ignoring it elsewhere would mislead.
         if v is not None and (info.data.get("target"), info.data.get("precision")) != ("openvino", "int8"):
             raise ValueError("applies only to --target openvino --precision int8 (NNCF accuracy control)")
+        return v
+
+    @field_validator("input")
+    @classmethod
+    def _image_input(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v == "image" and info.data.get("target") != "coreml":
+            raise ValueError("image inputs are a Core ML feature (--target coreml); other targets take a float tensor")
         return v
 
     def pre(self) -> Preprocess:

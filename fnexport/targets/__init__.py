@@ -71,11 +71,13 @@ class Source:
 
 
 # Target modules import their backend inside export()/runner(), so importing them here is cheap.
+from fnexport.targets.coreml import CoremlTarget  # noqa: E402
 from fnexport.targets.onnx import OnnxTarget  # noqa: E402
+from fnexport.targets.onnx_arm import OnnxArmTarget  # noqa: E402
 from fnexport.targets.openvino import OpenVinoTarget  # noqa: E402
 from fnexport.targets.tensorrt import TensorRtTarget  # noqa: E402
 
-TARGETS: tuple[Target, ...] = (OnnxTarget(), OpenVinoTarget(), TensorRtTarget())
+TARGETS: tuple[Target, ...] = (OnnxTarget(), OpenVinoTarget(), TensorRtTarget(), CoremlTarget(), OnnxArmTarget())
 
 
 def get_target(name: str) -> Target:

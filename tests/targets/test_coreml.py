@@ -1,0 +1,185 @@
+"""Core ML: what can be checked on Linux (spec, ops, weights, metadata), and prediction parity on macOS."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fnexport.convert import convert
+from fnexport.data import IMAGENET_STD
+from fnexport.demo import DIGITS_PRE, LABELS
+from fnexport.errors import BackendUnavailable, BadInput, CheckFailed
+from fnexport.model.checkpoint import load_checkpoint
+from fnexport.model.reparam import reparameterize
+from fnexport.recipes import Recipe
+from fnexport.targets.coreml import PRECISIONS, CoremlTarget, check_weights, coremltools, fold_std, package_weights
+from tests.test_cli import cli
+
+pytest.importorskip("coremltools")
+ON_MAC = platform.system() == "Darwin"
+
+
+def recipe(precision: str, **fields) -> Recipe:
+    # A random-weights model's logits barely differ between classes, so its top-1 flips with any
+    # compression; the digits model below checks agreement, this one the package's structure.
+    return Recipe(
+        target="coreml", precision=precision, imgsz=64, parity_samples=8, tolerance={"min_top1": 0.0}, **fields
+    )
+
+
+@pytest.fixture(scope="module")
+def custom_ckpt(custom_model, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("coreml_ckpt") / "custom.pth"
+    torch.save(custom_model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def packages(custom_ckpt, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
+    """The non-paper-width model (7 classes, no labels) at every precision, image input."""
+    ckpt = load_checkpoint(custom_ckpt, act="relu")
+    out = tmp_path_factory.mktemp("coreml")
+    return {p: convert(ckpt, recipe(p), out / p) for p in PRECISIONS}
+
+
+def weight_bytes(package: Path) -> int:
+    return sum(f.stat().st_size for f in (package / "Data/com.apple.CoreML/weights").iterdir())
+
+
+def test_fold_std_turns_pixels_minus_mean_into_the_normalised_input(custom_model):
+    """Core ML images get one scale for all channels: 1/std has to live in the stem conv instead."""
+    std = (0.229, 0.224, 0.225)
+    x = torch.randn(2, 3, 64, 64)
+    folded = fold_std(reparameterize(custom_model), std)
+    unscaled = x * torch.tensor(std)[None, :, None, None]  # pixel/255 - mean
+    with torch.no_grad():
+        ref = custom_model(x)
+        assert (folded(unscaled) - ref).abs().max() < 1e-5
+        # Without the fold the same input is off by orders of magnitude more (this random model's
+        # logits are ~0.2, so that is still small in absolute terms).
+        assert (reparameterize(custom_model)(unscaled) - ref).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+def test_package_validates_on_linux(packages, precision, custom_model):
+    out, manifest = packages[precision]
+    package = out / manifest["artifact"]
+    assert manifest["artifact"] == "model.mlpackage" and (package / "Manifest.json").is_file()
+    details = manifest["details"]
+    assert details["format"] == "mlprogram" and details["conversion"].startswith("torch.export")
+    val = details["validation"]
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in custom_model.modules())
+    assert val["ops"]["conv"] == convs and "batch_norm" not in val["ops"]
+    assert val["io"]["inputs"] == {"image": "imageType"}
+    assert val["image_preprocessing"]["scale"] == pytest.approx(1 / 255)
+    assert val["image_preprocessing"]["bias"] == pytest.approx([-m for m in manifest["input"]["mean"]])
+    params = len(reparameterize(custom_model).state_dict())
+    assert val["weights"]["tensors"] == params
+    weights_parity = val["weights_only_parity"]
+    assert weights_parity["passed"]
+    if precision == "fp32":
+        # The std fold and the image scale/bias reproduce the normalised input: FP32 error only.
+        assert weights_parity["max_abs"] < 1e-4
+    if not ON_MAC:
+        assert manifest["parity"]["ran"] is False and "macOS" in manifest["parity"]["reason"]
+
+
+def test_weight_storage_per_precision(packages):
+    """Compression shows in the bytes on disk, measured against the FP16 package."""
+    fp16 = weight_bytes(packages["fp16"][0] / "model.mlpackage")
+    size = {p: weight_bytes(out / "model.mlpackage") / fp16 for p, (out, _) in packages.items()}
+    assert size["fp32"] == pytest.approx(2.0, rel=0.02)
+    assert 0.45 < size["int8"] < 0.6 and 0.45 < size["palettize8"] < 0.6
+    assert 0.2 < size["int4"] < 0.35 and 0.2 < size["palettize4"] < 0.35
+    for precision, storage in [("int8", "int8"), ("int4", "int4"), ("palettize8", "lut8"), ("palettize4", "lut4")]:
+        weights = packages[precision][1]["details"]["validation"]["weights"]
+        assert weights["storage"][storage] > 0 and weights["left_uncompressed"] == []
+
+
+def test_weight_check_catches_a_changed_weight(packages, custom_ckpt):
+    ct = coremltools()
+    _, ops, _ = package_weights(ct, packages["int8"][0] / "model.mlpackage")
+    model = fold_std(reparameterize(load_checkpoint(custom_ckpt, act="relu").model), IMAGENET_STD)
+    check_weights(ops, model, "int8")
+    with torch.no_grad():
+        model.stages[2].blocks[0].mlp[0].weight[0, 0] += 0.05
+    with pytest.raises(CheckFailed, match=r"stages\.2\.blocks\.0\.mlp\.0\.weight"):
+        check_weights(ops, model, "int8")
+
+
+def test_classifier_labels_and_metadata(digits_ckpt, digits_dirs, tmp_path):
+    pre = {"crop_pct": DIGITS_PRE.crop_pct, "interpolation": DIGITS_PRE.interpolation}
+    r = Recipe(
+        target="coreml", precision="fp16", imgsz=64, preprocess=pre, parity_data=str(digits_dirs[1]), parity_samples=200
+    )
+    out, manifest = convert(load_checkpoint(digits_ckpt), r, tmp_path / "digits")
+    ct = coremltools()
+    spec = ct.models.MLModel(str(out / "model.mlpackage"), skip_model_load=True).get_spec()
+    desc = spec.description
+    assert desc.predictedFeatureName == "classLabel" and desc.predictedProbabilitiesName == "classLabel_probs"
+    assert [o.name for o in desc.output] == ["classLabel", "classLabel_probs", "logits"]
+    assert (desc.input[0].type.imageType.width, desc.input[0].type.imageType.height) == (64, 64)
+    ops = spec.mlProgram.functions["main"].block_specializations.values()
+    classify = [op for block in ops for op in block.operations if op.type == "classify"]
+    assert len(classify) == 1
+    meta = desc.metadata
+    assert manifest["source"]["sha256"][:12] == meta.versionString
+    assert "fnexport" in meta.author and meta.license and "FasterNet" in meta.shortDescription
+    preprocess = json.loads(meta.userDefined["fnexport.preprocess"])
+    assert preprocess["mean"] == list(r.preprocess.mean) and preprocess["std"] == list(r.preprocess.std)
+    assert json.loads(meta.userDefined["fnexport.labels"]) == LABELS
+    weights_parity = manifest["details"]["validation"]["weights_only_parity"]
+    assert weights_parity["n"] == 200 and weights_parity["top1"] >= 0.98
+
+
+def test_cli_tensor_input_and_labels_file(custom_ckpt, tmp_path):
+    names = [f"class {i}" for i in range(7)]
+    (tmp_path / "labels.txt").write_text("\n".join(names) + "\n")
+    args = ["convert", str(custom_ckpt), "--act", "relu", "-t", "coreml", "-p", "fp16", "--imgsz", "64"]
+    code, stdout, stderr = cli(
+        *args, "--input", "tensor", "--labels", str(tmp_path / "labels.txt"), "-o", str(tmp_path / "t"), "--json"
+    )
+    assert code == 0, stderr
+    manifest = json.loads(stdout)
+    assert manifest["labels"] == names and manifest["details"]["input"] == "tensor"
+    io = manifest["details"]["validation"]["io"]
+    assert io["inputs"] == {"input": "multiArrayType"} and "classLabel" in io["outputs"]
+    (tmp_path / "six.txt").write_text("\n".join(names[:6]))
+    code, stdout, stderr = cli(*args, "--labels", str(tmp_path / "six.txt"), "-o", str(tmp_path / "u"))
+    assert code == 2 and "7 classes" in stderr and stdout == ""
+
+
+def test_image_input_needs_batch_one(custom_ckpt, tmp_path):
+    with pytest.raises(BadInput, match="--batch 1"):
+        convert(load_checkpoint(custom_ckpt, act="relu"), recipe("fp16", batch=4), tmp_path / "b")
+
+
+@pytest.mark.skipif(ON_MAC, reason="Core ML prediction works on macOS")
+def test_runner_is_unavailable_off_macos(packages):
+    out, manifest = packages["fp16"]
+    with pytest.raises(BackendUnavailable, match="macOS"):
+        CoremlTarget().runner(out / manifest["artifact"], manifest)
+
+
+@pytest.mark.macos
+@pytest.mark.skipif(not ON_MAC, reason="Core ML prediction needs macOS; coremltools on Linux converts but cannot run")
+@pytest.mark.parametrize("precision", ["fp16", "fp32", "int8"])
+def test_prediction_parity_on_macos(digits_ckpt, digits_dirs, precision, tmp_path):
+    pre = {"crop_pct": DIGITS_PRE.crop_pct, "interpolation": DIGITS_PRE.interpolation}
+    r = Recipe(
+        target="coreml",
+        precision=precision,
+        imgsz=64,
+        preprocess=pre,
+        parity_data=str(digits_dirs[1]),
+        parity_samples=200,
+    )
+    _, manifest = convert(load_checkpoint(digits_ckpt), r, tmp_path / precision)
+    parity = manifest["parity"]
+    assert parity["passed"] and parity["top1"] >= 0.98
+    assert np.isfinite(parity["max_abs"])
