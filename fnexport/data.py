@@ -113,7 +113,7 @@ def load_images(source: str | Path, pre: Preprocess, samples: int | None = None,
     if not arrays:
         raise BadInput(f"{folder}: none of the {len(files)} images could be read")
     return ImageSet(
-        x=np.stack(arrays).astype(np.float32),
+        x=np.ascontiguousarray(np.stack(arrays), dtype=np.float32),
         labels=np.array(labels) if labelled else None,
         classes=subdirs if labelled else None,
         files=used,
