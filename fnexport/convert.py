@@ -16,7 +16,7 @@ from fnexport.data import ImageSet, load_images
 from fnexport.errors import BackendUnavailable, BadInput, CheckFailed
 from fnexport.model.checkpoint import Checkpoint
 from fnexport.model.fasternet import count
-from fnexport.parity import ParityReport, compare, reference, run, tolerance_for
+from fnexport.parity import ParityReport, compare, labels_for, reference, run, tolerance_for
 from fnexport.recipes import Recipe
 from fnexport.targets import DEFAULT_DATA, Source, get_target
 
@@ -66,7 +66,7 @@ def convert(ckpt: Checkpoint, recipe: Recipe, out: Path | None = None) -> tuple[
                         ref,
                         run(runner, data.x),
                         tolerance_for(recipe.precision, recipe.tolerance),
-                        labels_for(ckpt, data),
+                        labels_for(ckpt.labels, ckpt.config.num_classes, data),
                     )
                     report.ran = dict(runner.info)
                 finally:
@@ -87,17 +87,6 @@ def convert(ckpt: Checkpoint, recipe: Recipe, out: Path | None = None) -> tuple[
 def parity_inputs(ckpt: Checkpoint, recipe: Recipe) -> ImageSet:
     source = recipe.parity_data or DEFAULT_DATA
     return load_images(source, recipe.pre(), recipe.parity_samples, seed=1)
-
-
-def labels_for(ckpt: Checkpoint, data: ImageSet) -> np.ndarray | None:
-    """Dataset labels as model class indices, when the folder's classes can be matched to the model's."""
-    if data.labels is None or data.classes is None:
-        return None
-    if ckpt.labels:
-        if not set(data.classes) <= set(ckpt.labels):
-            return None
-        return np.array([ckpt.labels.index(data.classes[i]) for i in data.labels])
-    return data.labels if len(data.classes) == ckpt.config.num_classes else None
 
 
 def check_reparam(src: Source, x: np.ndarray, ref: np.ndarray) -> float:
@@ -218,3 +207,54 @@ def doctor() -> list[dict]:
             row["note"] = "converts here; Core ML prediction needs macOS"
         rows.append(row)
     return rows
+
+
+def release(ckpt: Checkpoint, recipes: list[tuple[str, Recipe]], out: Path, allow_not_run: bool = False) -> dict:
+    """Convert every recipe into `out`, gate each with parity, mark failures, write summary.json/.md."""
+    import json
+
+    from fnexport.errors import FnexportError
+    from fnexport.parity import gate, markdown
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows, md = [], [f"# Release of {ckpt.path}", ""]
+    for name, recipe in recipes:
+        dest = out / name
+        row: dict = {"recipe": name, "target": recipe.target, "precision": recipe.precision, "dir": str(dest)}
+        try:
+            convert(ckpt, recipe, dest)
+        except BackendUnavailable as err:
+            # The artifact may exist (TensorRT phase 1); its runtime does not, so the gate says NOT RUN.
+            row["convert"] = f"incomplete: {err}"
+        except (CheckFailed, BadInput) as err:
+            row |= {"convert": f"failed: {err}", "status": "FAIL"}
+            rows.append(row)
+            md += [f"## {name}: FAIL", "", f"convert failed: {err}", ""]
+            continue
+        else:
+            row["convert"] = "ok"
+        if not (dest / mf.MANIFEST).is_file():
+            row["status"] = "NOT RUN"
+            rows.append(row)
+            continue
+        try:
+            result = gate(ckpt, [dest], recipe.parity_data, recipe.parity_samples, recipe.tolerance)[0]
+        except FnexportError as err:
+            row |= {"status": "FAIL", "gate": str(err)}
+        else:
+            row |= {"status": result.status, "gate": result.to_dict()}
+            md += [f"## {name}: {result.status}", "", markdown([result], recipe.parity_data or DEFAULT_DATA)]
+        if row["status"] == "FAIL" or (row["status"] == "NOT RUN" and not allow_not_run):
+            # A failed gate is never shipped under its own name.
+            failed = dest.with_name(dest.name + ".FAILED")
+            shutil.rmtree(failed, ignore_errors=True)
+            dest.rename(failed)
+            row["dir"] = str(failed)
+        rows.append(row)
+    ok = all(r["status"] == "PASS" or (allow_not_run and r["status"] == "NOT RUN") for r in rows)
+    summary = {"checkpoint": ckpt.source(), "passed": ok, "artifacts": rows}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    lines = [f"| {r['recipe']} | {r['target']} | {r['precision']} | {r['status']} | {r['dir']} |" for r in rows]
+    table = ["| recipe | target | precision | status | directory |", "|---|---|---|---|---|", *lines, ""]
+    (out / "summary.md").write_text("\n".join(md[:2] + table + md[2:]) + "\n")
+    return summary

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
+from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from fnexport.data import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from fnexport.errors import BadInput
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4", "palettize4", "palettize8")
 
@@ -37,8 +41,15 @@ class Tolerance(_Strict):
     min_top1: float | None = Field(None, ge=0, le=1)
 
 
+class BenchSpec(_Strict):
+    batches: tuple[int, ...] = (1, 16)
+    seconds: float = Field(4.0, gt=0)
+    threads: int | None = Field(None, ge=1)
+
+
 class Recipe(_Strict):
     target: str
+    description: str = ""
     precision: Literal[PRECISIONS] = "fp32"  # type: ignore[valid-type]
     imgsz: int = Field(224, ge=32)
     batch: int = Field(1, ge=1)
@@ -51,6 +62,7 @@ class Recipe(_Strict):
     parity_data: str | None = None
     parity_samples: int = Field(32, ge=1)
     tolerance: Tolerance = Tolerance()
+    bench: BenchSpec = BenchSpec()
     # Largest absolute top-1 accuracy drop (0.01 = 1 point) INT8 may cost on the labelled calibration set.
     max_drop: float | None = Field(None, gt=0, lt=1)
     # Core ML only: "image" (default there; preprocessing built in, apps pass pixels) or "tensor" (float NCHW).
@@ -81,6 +93,69 @@ class Recipe(_Strict):
             raise ValueError("image inputs are a Core ML feature (--target coreml); other targets take a float tensor")
         return v
 
+    @model_validator(mode="after")
+    def _int8_needs_data(self) -> Recipe:
+        # Calibration data decides INT8 accuracy; choosing a set for the user would hide that choice.
+        if self.precision == "int8" and self.target != "coreml" and not self.calib:
+            raise ValueError("int8 needs calibration images: set calib (--calib DIR, or embedded:natural)")
+        return self
+
     def pre(self) -> Preprocess:
         p = self.preprocess
         return Preprocess(self.imgsz, p.mean, p.std, p.crop_pct, p.interpolation)
+
+
+# Built-in recipes live in the source tree's recipes/ folder (shipped with the repository).
+BUILTIN_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def builtin_recipes() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(BUILTIN_DIR.glob("*.yaml"))}
+
+
+def recipe_data(spec: str | Path) -> tuple[Path, dict]:
+    """The raw mapping of a recipe file (a path, or the name of a built-in recipe)."""
+    path = Path(spec)
+    if not path.is_file():
+        path = builtin_recipes().get(str(spec), path)
+    if not path.is_file():
+        raise BadInput(f"{spec}: no such recipe file or built-in recipe (see `fnexport recipes`)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise BadInput(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise BadInput(f"{path}: a recipe is a YAML mapping of keys (target, precision, ...)")
+    return path, data
+
+
+def validate(data: dict, where: str) -> Recipe:
+    """A Recipe from a mapping; the first problem becomes one line naming `where`, the key and the fix."""
+    try:
+        return Recipe(**data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "(recipe)"
+        fix = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            fix = _unknown(first["loc"])
+        elif first["type"] == "missing":
+            fix = "required; add it"
+        raise BadInput(f"{where}: {key}: {fix}") from None
+
+
+def _unknown(loc: tuple) -> str:
+    keys = _keys(loc)
+    close = difflib.get_close_matches(str(loc[-1]), keys, n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return f"unknown key; {hint}valid keys: {', '.join(keys)}"
+
+
+def _keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            break
+        model = field.annotation
+    return list(model.model_fields)

@@ -102,7 +102,7 @@ def load_checkpoint(spec: str | Path, act: str | None = None, unsafe_load: bool 
     if spec in VARIANTS and not Path(spec).exists():
         cfg = VARIANTS[spec]
         if act:
-            cfg = FasterNetConfig(**{**cfg.__dict__, "act": act})
+            cfg = dataclasses.replace(cfg, act=act)
         log.warning("%s: no weights given, building a randomly initialised model (nothing is downloaded)", spec)
         torch.manual_seed(0)
         return Checkpoint(FasterNet(cfg).eval(), cfg, spec, None, "random-init")
@@ -145,7 +145,9 @@ def _read(path: Path, unsafe_load: bool) -> object:
         raise BadInput(f"{path}: not a readable checkpoint ({err}); re-save it with torch.save") from None
     except Exception as err:  # a damaged file fails anywhere inside the unpickler (KeyError, struct.error, ...)
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise BadInput(f"{path}: truncated or not a PyTorch checkpoint ({reason[:120]}); re-copy or re-save it") from None
+        raise BadInput(
+            f"{path}: truncated or not a PyTorch checkpoint ({reason[:120]}); re-copy or re-save it"
+        ) from None
 
 
 def _is_pdparams(path: Path) -> bool:
