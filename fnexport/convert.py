@@ -34,6 +34,10 @@ def convert(ckpt: Checkpoint, recipe: Recipe, out: Path | None = None) -> tuple[
         raise BadInput(
             f"--precision {recipe.precision} is not offered by --target {target.name} (choose: {', '.join(target.precisions)})"
         )
+    if recipe.variant and recipe.variant != ckpt.config.variant:
+        raise BadInput(
+            f"{ckpt.path}: is a {ckpt.config.variant}, but the recipe is for {recipe.variant}; use a {ckpt.config.variant} recipe"
+        )
     out = out or default_out(ckpt, recipe)
     data = parity_inputs(ckpt, recipe)
     ref = reference(ckpt.model, data.x)

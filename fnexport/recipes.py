@@ -63,6 +63,10 @@ class Recipe(_Strict):
     parity_samples: int = Field(32, ge=1)
     tolerance: Tolerance = Tolerance()
     bench: BenchSpec = BenchSpec()
+    # The paper variant the recipe was written for; convert refuses a checkpoint of another one.
+    variant: str | None = None
+    # Core ML only: the oldest OS the package must load on (default: the oldest the precision allows).
+    deployment_target: Literal["iOS16", "iOS17", "iOS18", "macOS13", "macOS14", "macOS15"] | None = None
     # Largest absolute top-1 accuracy drop (0.01 = 1 point) INT8 may cost on the labelled calibration set.
     max_drop: float | None = Field(None, gt=0, lt=1)
     # Core ML only: "image" (default there; preprocessing built in, apps pass pixels) or "tensor" (float NCHW).
@@ -92,6 +96,18 @@ class Recipe(_Strict):
         if v == "image" and info.data.get("target") != "coreml":
             raise ValueError("image inputs are a Core ML feature (--target coreml); other targets take a float tensor")
         return v
+
+    @model_validator(mode="after")
+    def _coreml_deployment_target(self) -> Recipe:
+        if self.deployment_target is None:
+            return self
+        if self.target != "coreml":
+            raise ValueError("deployment_target applies only to --target coreml")
+        if self.precision == "int4" and self.deployment_target not in ("iOS18", "macOS15"):
+            raise ValueError(
+                f"Core ML int4 weights need iOS18/macOS15; {self.deployment_target} lacks them (use int8 or palettize4)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _int8_needs_data(self) -> Recipe:

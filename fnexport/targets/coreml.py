@@ -137,7 +137,7 @@ class CoremlTarget:
             "conversion": f"{CONVERSION} of the {self.pconv_form} model, then coremltools {ct.__version__}",
             "coremltools_tested_torch_up_to": _tested_torch(),
             "format": "mlprogram",
-            "minimum_deployment_target": spec["os"],
+            "minimum_deployment_target": recipe.deployment_target or spec["os"],
             "compute_precision": spec["compute"],
             "input": kind,
             "classifier": bool(src.ckpt.labels),
@@ -193,7 +193,7 @@ def convert(
     if src.ckpt.labels:
         outputs.append(ct.TensorType(name="probabilities", dtype=np.float32))
     common = {
-        "minimum_deployment_target": getattr(ct.target, spec["os"]),
+        "minimum_deployment_target": getattr(ct.target, recipe.deployment_target or spec["os"]),
         "compute_precision": ct.precision.FLOAT16 if spec["compute"] == "fp16" else ct.precision.FLOAT32,
     }
     with _quiet():
