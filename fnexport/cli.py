@@ -55,23 +55,27 @@ def _floats3(text: str | None, flag: str) -> tuple[float, float, float] | None:
     return values  # type: ignore[return-value]
 
 
-def make_recipe(fields: dict[str, Any]):
-    """A validated Recipe from flag values (None = not given)."""
-    from fnexport.recipes import Recipe
+def make_recipe(fields: dict[str, Any], recipe: str | None = None):
+    """A validated Recipe: a recipe file (path or built-in name) if given, then flag values (None = not given)."""
+    from fnexport.recipes import Recipe, recipe_data, validate
 
+    base: dict[str, Any] = {"target": "onnx"}
+    if recipe is not None:
+        path, base = recipe_data(recipe)
+        validate(base, str(path))
     pre = {k: fields.pop(k) for k in ("mean", "std", "crop_pct", "interpolation") if k in fields}
     tol = {k: fields.pop(k) for k in ("atol", "min_cosine", "min_top1") if k in fields}
-    data = {k: v for k, v in fields.items() if v is not None}
-    if any(v is not None for v in pre.values()):
-        data["preprocess"] = {k: v for k, v in pre.items() if v is not None}
-    if any(v is not None for v in tol.values()):
-        data["tolerance"] = {k: v for k, v in tol.items() if v is not None}
+    data = {**base, **{k: v for k, v in fields.items() if v is not None}}
+    for key, group in (("preprocess", pre), ("tolerance", tol)):
+        if any(v is not None for v in group.values()):
+            data[key] = {**base.get(key, {}), **{k: v for k, v in group.items() if v is not None}}
     try:
         return Recipe(**data)
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"]).replace("_", "-")
-        raise BadInput(f"--{where}: {first['msg']}") from None
+        msg = first["msg"].removeprefix("Value error, ")
+        raise BadInput(f"--{where}: {msg}" if where else msg) from None
 
 
 def _labels_file(path: Path, num_classes: int) -> list[str]:
@@ -97,11 +101,14 @@ def _emit(obj: Any, as_json: bool, text: str) -> None:
 def convert(
     ckpt: Ckpt,
     target: Annotated[
-        str, typer.Option("--target", "-t", help="onnx (more with extras: see `fnexport doctor`).")
-    ] = "onnx",
+        str | None, typer.Option("--target", "-t", help="onnx (default), openvino, tensorrt, coreml, onnx-arm.")
+    ] = None,
     precision: Annotated[
-        str, typer.Option("--precision", "-p", help="fp32, fp16, bf16, int8 ... as the target offers.")
-    ] = "fp32",
+        str | None, typer.Option("--precision", "-p", help="fp32 (default), fp16, bf16, int8 ... as the target offers.")
+    ] = None,
+    recipe: Annotated[
+        str | None, typer.Option(help="Recipe YAML file or built-in recipe name; flags override its values.")
+    ] = None,
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Output directory (default exports/NAME-TARGET-PRECISION).")
     ] = None,
@@ -147,8 +154,10 @@ def convert(
             target=target, precision=precision, imgsz=imgsz, batch=batch, dynamic=dynamic or None,
             opset=opset, mean=_floats3(mean, "--mean"), std=_floats3(std, "--std"), crop_pct=crop_pct,
             interpolation=interpolation, calib=calib, calib_samples=samples, calib_method=calib_method,
-            parity_data=data, atol=atol, max_drop=max_drop, input=input_,
-        )
+            parity_data=data, atol=atol,
+            max_drop=max_drop, input=input_,
+        ),
+        recipe,
     )  # fmt: skip
     loaded = load_checkpoint(ckpt, act=act, unsafe_load=unsafe_load)
     if labels is not None:
@@ -201,16 +210,16 @@ def doctor(
     from fnexport.convert import doctor as run_doctor
 
     rows = run_doctor()
+    needed = [n for n in (require or "").split(",") if n]
+    unknown = [n for n in needed if n not in {r["backend"] for r in rows}]
+    if unknown:
+        raise BadInput(f"--require: unknown backend(s) {', '.join(unknown)}")
     text = "\n".join(
         f"{r['backend']:12s} {'ok' if r['usable'] else ('limited' if r['installed'] else 'missing'):8s} "
         f"{r['version'] or '-':14s} {r['note']}"
         for r in rows
     )
     _emit(rows, as_json, text)
-    needed = [n for n in (require or "").split(",") if n]
-    unknown = [n for n in needed if n not in {r["backend"] for r in rows}]
-    if unknown:
-        raise BadInput(f"--require: unknown backend(s) {', '.join(unknown)}")
     missing = [r["backend"] for r in rows if r["backend"] in needed and not r["usable"]]
     if missing:
         raise BackendUnavailable(f"required backend(s) not usable here: {', '.join(missing)}")
@@ -256,14 +265,162 @@ def demo(
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Where the demo writes its checkpoint and artifacts.")
     ] = Path("fnexport-demo"),
-    seconds: Annotated[float, typer.Option(help="Training time budget.")] = 40.0,
+    steps: Annotated[int, typer.Option(help="Training steps (batch 64).")] = 200,
     as_json: Json = False,
 ) -> None:
     """Train a FasterNet-T0 on the digits bundled with scikit-learn, convert it to every installed target, check parity."""
     from fnexport.demo import run_demo
 
-    result = run_demo(out, seconds)
+    result = run_demo(out, steps)
     _emit(result, as_json, result["table"])
+
+
+@app.command()
+def bench(
+    inputs: Annotated[
+        list[str],
+        typer.Argument(help="Checkpoints, variant names (random weights) or artifact directories from `convert`."),
+    ],
+    batch: Annotated[str, typer.Option(help="Comma-separated batch sizes: latency at 1, throughput above.")] = "1,16",
+    threads: Annotated[int | None, typer.Option(help="Threads for every backend (default: all cores).")] = None,
+    warmup: Annotated[int, typer.Option(help="Untimed calls per configuration first (at most ~1 s).")] = 3,
+    iters: Annotated[int | None, typer.Option(help="Timed calls per configuration (instead of --seconds).")] = None,
+    seconds: Annotated[float | None, typer.Option(help="Timed seconds per configuration (default 4).")] = None,
+    imgsz: Annotated[int, typer.Option(help="Input size for checkpoints (artifacts keep their own).")] = 224,
+    plot: Annotated[
+        Path | None,
+        typer.Option(help="Write a latency vs accuracy (or MACs) chart; needs the bench extra (matplotlib)."),
+    ] = None,
+    act: Act = None,
+    unsafe_load: Unsafe = False,
+    as_json: Json = False,
+) -> None:
+    """Latency, throughput, achieved GFLOPS and speedup vs PyTorch eager, interleaved in one run."""
+    from fnexport.bench import bench as run_bench
+    from fnexport.bench import markdown
+    from fnexport.bench import plot as draw
+
+    try:
+        batches = tuple(int(b) for b in batch.split(","))
+    except ValueError:
+        raise BadInput(f"--batch {batch!r}: give comma-separated integers, e.g. --batch 1,8,32") from None
+    result = run_bench(inputs, batches, threads, warmup, iters, seconds, imgsz, act, unsafe_load)
+    if plot:
+        draw(result, plot)
+    _emit(result, as_json, markdown(result))
+
+
+@app.command()
+def parity(
+    ckpt: Ckpt,
+    artifacts: Annotated[list[Path], typer.Argument(help="Artifact directories written by `fnexport convert`.")],
+    data: Annotated[
+        str | None, typer.Option(help="Image folder (ImageFolder layout adds accuracy); default embedded:natural.")
+    ] = None,
+    samples: Annotated[int, typer.Option(help="Images to compare on (seeded sample).")] = 200,
+    report: Annotated[list[Path] | None, typer.Option(help="Write the report: .json or .md (repeatable).")] = None,
+    atol: Annotated[float | None, typer.Option(help="Max abs logit error (overrides the precision default).")] = None,
+    min_cosine: Annotated[float | None, typer.Option(help="Min per-image cosine similarity of the logits.")] = None,
+    min_top1: Annotated[float | None, typer.Option(help="Min top-1 agreement with PyTorch, 0..1.")] = None,
+    allow_not_run: Annotated[
+        bool, typer.Option("--allow-not-run", help="Pass artifacts whose runtime is missing here (reported NOT RUN).")
+    ] = False,
+    localize: Annotated[
+        bool, typer.Option("--localize", help="For a failing ONNX artifact, name the first diverging layer.")
+    ] = False,
+    threads: Annotated[int | None, typer.Option(help="Runtime threads.")] = None,
+    act: Act = None,
+    unsafe_load: Unsafe = False,
+    as_json: Json = False,
+) -> None:
+    """Release gate: every artifact against the original PyTorch model on the same inputs; exit 1 on drift."""
+    from fnexport.console import console
+    from fnexport.errors import CheckFailed
+    from fnexport.model.checkpoint import load_checkpoint
+    from fnexport.parity import gate, markdown, passed
+    from fnexport.recipes import Tolerance
+
+    try:
+        override = Tolerance(atol=atol, min_cosine=min_cosine, min_top1=min_top1)
+    except ValidationError as err:
+        raise BadInput(f"parity thresholds: {err.errors()[0]['msg']}") from None
+    for path in report or []:
+        if path.suffix not in (".json", ".md"):
+            raise BadInput(f"--report {path}: use a .json or .md file name")
+    loaded = load_checkpoint(ckpt, act=act, unsafe_load=unsafe_load)
+    results = gate(loaded, artifacts, data, samples, override, localize, threads)
+    table = markdown(results, data or "embedded:natural")
+    for path in report or []:
+        text = json.dumps([r.to_dict() for r in results], indent=2) if path.suffix == ".json" else table
+        path.write_text(text + ("\n" if path.suffix == ".json" else ""))
+    console.print(table, markup=False, highlight=False)
+    if as_json:
+        _emit([r.to_dict() for r in results], True, "")
+    if not passed(results, allow_not_run):
+        bad = [f"{r.dir} ({r.status}: {r.reason})" for r in results if r.status != "PASS"]
+        raise CheckFailed("parity gate failed: " + "; ".join(bad))
+
+
+@app.command()
+def calib(
+    source: Annotated[
+        str, typer.Argument(help="An ImageFolder tree to sample from, or embedded:natural / embedded:digits.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the calibration set into.")],
+    per_class: Annotated[int | None, typer.Option(help="Images per class folder (stratified).")] = None,
+    samples: Annotated[int | None, typer.Option(help="Images in total (when not per class).")] = None,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+) -> None:
+    """Build a calibration folder: a seeded, stratified sample of your images, or an embedded set."""
+    from fnexport.console import log
+    from fnexport.data import make_calibration, resolve
+
+    if out.exists() and any(out.iterdir()):
+        raise BadInput(f"{out}: exists and is not empty; choose a new --out folder")
+    n = make_calibration(resolve(source), out, per_class, samples, seed)
+    log.info("Wrote %d images to %s", n, out)
+    typer.echo(str(out))
+
+
+@app.command()
+def recipes() -> None:
+    """List the built-in recipes with their one-line descriptions."""
+    from fnexport.recipes import builtin_recipes, recipe_data
+
+    for name, path in builtin_recipes().items():
+        typer.echo(f"{name:40s} {recipe_data(path)[1].get('description', '')}")
+
+
+@app.command()
+def release(
+    ckpt: Ckpt,
+    recipe: Annotated[list[str], typer.Option(help="Recipe file or built-in name (repeatable).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Release directory.")],
+    allow_not_run: Annotated[
+        bool, typer.Option("--allow-not-run", help="Ship artifacts whose runtime is missing here (NOT RUN).")
+    ] = False,
+    act: Act = None,
+    unsafe_load: Unsafe = False,
+    as_json: Json = False,
+) -> None:
+    """Convert every recipe, gate each with parity, write the bundle and summary.json/.md; exit 1 if any gate fails."""
+    from fnexport.convert import release as run_release
+    from fnexport.errors import CheckFailed
+    from fnexport.model.checkpoint import load_checkpoint
+    from fnexport.recipes import recipe_data, validate
+
+    loaded_recipes = []
+    for spec in recipe:
+        path, data = recipe_data(spec)
+        loaded_recipes.append((path.stem, validate(data, str(path))))
+    names = [n for n, _ in loaded_recipes]
+    if len(set(names)) != len(names):
+        raise BadInput(f"--recipe: the same recipe name appears twice ({', '.join(names)})")
+    summary = run_release(load_checkpoint(ckpt, act=act, unsafe_load=unsafe_load), loaded_recipes, out, allow_not_run)
+    _emit(summary, as_json, str(out / "summary.md"))
+    if not summary["passed"]:
+        failed = [r["recipe"] for r in summary["artifacts"] if r["status"] != "PASS"]
+        raise CheckFailed(f"release gate failed for: {', '.join(failed)} (see {out / 'summary.md'})")
 
 
 def main() -> None:
