@@ -178,4 +178,4 @@ def test_max_drop_needs_labelled_calibration(digits_ckpt, digits_dirs):
 def test_max_drop_only_for_openvino_int8(target, precision):
     with pytest.raises(ValidationError, match="max_drop"):
         Recipe(target=target, precision=precision, max_drop=0.01)
-    assert Recipe(target="openvino", precision="int8", max_drop=0.01).max_drop == 0.01
+    assert Recipe(target="openvino", precision="int8", calib="embedded:digits", max_drop=0.01).max_drop == 0.01

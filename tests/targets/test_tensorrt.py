@@ -1,17 +1,13 @@
 """TensorRT target: the prepared ONNX everywhere (Q/DQ rules, FP16, parser ops, hand-off), engines on a GPU."""
 
-import contextlib
 import importlib.util
-import io
 import json
-import sys
 
 import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from fnexport.cli import main
 from fnexport.convert import convert
 from fnexport.data import load_images
 from fnexport.demo import DIGITS_PRE
@@ -30,6 +26,7 @@ from fnexport.targets.tensorrt import (
     unsupported_ops,
     verify_qdq,
 )
+from tests.test_cli import cli
 
 
 def _tensorrt_gpu() -> str | None:
@@ -43,22 +40,6 @@ def _tensorrt_gpu() -> str | None:
 NO_GPU = _tensorrt_gpu()
 needs_gpu = pytest.mark.skipif(NO_GPU is not None, reason=f"TensorRT engine tests need TensorRT and a GPU: {NO_GPU}")
 no_engine_here = pytest.mark.skipif(NO_GPU is None, reason="TensorRT and a GPU are here: convert builds the engine")
-
-
-def cli(*args: str) -> tuple[int, str, str]:
-    """Run main() as the console script does; returns (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    argv, sys.argv = sys.argv, ["fnexport", *args]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                main()
-                code = 0
-            except SystemExit as exc:
-                code = exc.code
-    finally:
-        sys.argv = argv
-    return code, out.getvalue(), err.getvalue()
 
 
 def digits_recipe(digits_dirs, precision: str, **kw) -> Recipe:
