@@ -36,7 +36,7 @@ def split_digits(out: Path) -> tuple[Path, Path]:
     return train, test
 
 
-def train_digits(train_dir: Path, steps: int = 200, seed: int = 0) -> FasterNet:
+def train_digits(train_dir: Path, steps: int = 150, seed: int = 0) -> FasterNet:
     """Train a FasterNet-T0 (10 classes) for a fixed number of steps, so the result is reproducible."""
     torch.manual_seed(seed)
     data = load_images(train_dir, DIGITS_PRE)
@@ -76,7 +76,7 @@ DEMO_JOBS = (
 )
 
 
-def run_demo(out: Path, steps: int = 200) -> dict:
+def run_demo(out: Path, steps: int = 150) -> dict:
     """Train, save a checkpoint, convert to every installed target, and tabulate parity and accuracy."""
     from fnexport import manifest as mf
     from fnexport.cli import make_recipe
