@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -181,6 +182,7 @@ def inspect(
     from fnexport.convert import inspect as run_inspect
     from fnexport.model.checkpoint import load_checkpoint
 
+    make_recipe({"imgsz": imgsz})  # the same --imgsz checks as convert (multiple of 32, at least 32)
     info = run_inspect(load_checkpoint(ckpt, act=act, unsafe_load=unsafe_load), imgsz, graph)
     if as_json:
         _emit(info, True, "")
@@ -423,7 +425,13 @@ def release(
         raise CheckFailed(f"release gate failed for: {', '.join(failed)} (see {out / 'summary.md'})")
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: temp dirs are removed on the way out
+
+
 def main() -> None:
+    # CI cancellations and `docker stop` send SIGTERM, whose default action skips every cleanup.
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         app()
     except FnexportError as err:

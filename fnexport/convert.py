@@ -16,6 +16,7 @@ from fnexport.data import ImageSet, load_images
 from fnexport.errors import BackendUnavailable, BadInput, CheckFailed
 from fnexport.model.checkpoint import Checkpoint
 from fnexport.model.fasternet import count
+from fnexport.model.reparam import reparameterize
 from fnexport.parity import ParityReport, compare, labels_for, reference, run, tolerance_for
 from fnexport.recipes import Recipe
 from fnexport.targets import DEFAULT_DATA, Source, get_target
@@ -39,6 +40,7 @@ def convert(ckpt: Checkpoint, recipe: Recipe, out: Path | None = None) -> tuple[
             f"{ckpt.path}: is a {ckpt.config.variant}, but the recipe is for {recipe.variant}; use a {ckpt.config.variant} recipe"
         )
     out = out or default_out(ckpt, recipe)
+    mf.check_out(out)  # before the parity data is loaded and run: a bad --out fails in a moment
     data = parity_inputs(ckpt, recipe)
     ref = reference(ckpt.model, data.x)
     with mf.atomic_dir(out) as tmp:
@@ -142,7 +144,7 @@ def log_report(name: str, precision: str, report: ParityReport) -> None:
 def inspect(ckpt: Checkpoint, imgsz: int = 224, graph: bool = False) -> dict:
     """Config, size and what reparameterization changes (module counts; ONNX ops with `graph`)."""
     params, macs = count(ckpt.model, imgsz)
-    folded = Source(ckpt, Recipe(target="onnx", imgsz=imgsz)).module("split_cat")
+    folded = reparameterize(ckpt.model, "split_cat")  # not via Source: that makes a temp dir it never removes
     info = ckpt.config.to_dict() | {
         "params": params,
         "macs": macs,
@@ -220,7 +222,10 @@ def release(ckpt: Checkpoint, recipes: list[tuple[str, Recipe]], out: Path, allo
     from fnexport.errors import FnexportError
     from fnexport.parity import gate, markdown
 
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BadInput(f"{out}: cannot create the release directory ({err.strerror}); choose another --out") from None
     rows, md = [], [f"# Release of {ckpt.path}", ""]
     for name, recipe in recipes:
         dest = out / name

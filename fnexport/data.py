@@ -103,7 +103,8 @@ def load_images(source: str | Path, pre: Preprocess, samples: int | None = None,
             with Image.open(path) as img:
                 img.load()
                 arrays.append(pre(img))
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        # DecompressionBombError: a header claiming > 179M pixels (seen in fuzzed BMP/TIFF headers).
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
             log.warning("%s: skipped, not a readable image (%s)", path, str(err).splitlines()[0][:80])
             skipped.append(str(path))
             continue

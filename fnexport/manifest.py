@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import importlib.metadata
 import json
 import os
@@ -12,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from fnexport import __version__
-from fnexport.errors import BadInput, CheckFailed
+from fnexport.errors import BadInput, CheckFailed, FnexportError
 from fnexport.model.checkpoint import sha256_file
 
 MANIFEST = "manifest.json"
@@ -69,28 +71,85 @@ def read(artifact_dir: Path, verify: bool = True) -> dict:
     return manifest
 
 
+# Writes that fail because of the disk, not fnexport: the user frees space or picks another --out.
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
 @contextmanager
 def atomic_dir(out: Path) -> Iterator[Path]:
     """Yield a fresh sibling temp dir; on success it replaces `out` in one rename, on failure it vanishes."""
     out = out.resolve()
-    if out.exists() and not out.is_dir():
-        raise BadInput(f"{out}: exists and is a file; choose a directory path with --out")
+    check_out(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     except OSError as err:
         raise BadInput(f"{out.parent}: cannot write there ({err.strerror}); choose another --out") from None
     try:
-        yield tmp
+        try:
+            yield tmp
+        except Exception as err:
+            known = isinstance(err, OSError) and err.errno in DISK_ERRORS
+            # Backends report a full disk their own way (OpenVINO: "basic_ios::clear: iostream error",
+            # coremltools: shutil.Error), so a failed write on a full filesystem counts as one too.
+            full = None if isinstance(err, FnexportError) else full_disk(out.parent, Path(tempfile.gettempdir()))
+            if not (known or full):
+                raise
+            reason = err.strerror if known else f"no space left on device ({type(err).__name__})"
+            raise BadInput(f"{full or out.parent}: {reason} while writing; nothing was written to {out}") from None
         os.chmod(tmp, 0o755)
-        old = None
-        if out.exists():
-            # Move the previous result aside first so a concurrent reader never sees a half dir.
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "prev")
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def full_disk(*paths: Path) -> Path | None:
+    """The first of `paths` whose filesystem has less than 1 MiB left, if any."""
+    for path in paths:
+        with contextlib.suppress(OSError):
+            if shutil.disk_usage(path).free < 1 << 20:
+                return path
+    return None
+
+
+def check_out(out: Path) -> None:
+    """Fail before any work when `out` cannot become an fnexport output directory."""
+    out = out.resolve()
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"{out}: exists and is a file; choose a directory path with --out")
+    check_replaceable(out)
+    ancestor = out.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise BadInput(f"{ancestor}: is a file, so {out} cannot be made; choose another --out")
+
+
+def check_replaceable(out: Path) -> None:
+    """Only an earlier fnexport output (or an empty dir) may be replaced: never a user's folder of other files."""
+    if out.is_dir() and not (out / MANIFEST).is_file() and any(out.iterdir()):
+        raise BadInput(f"{out}: exists, is not empty and holds no {MANIFEST}; choose a new or empty --out")
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Rename `tmp` to `out`, moving a previous `out` aside first; with concurrent writers the last rename wins."""
+    old = None
+    try:
+        for attempt in range(100):
+            try:
+                os.replace(tmp, out)  # atomic; fails only if `out` is a non-empty dir
+                return
+            except OSError as err:
+                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+            check_replaceable(out)
+            # Move it aside and retry: another process may rename its own result into place in between,
+            # and that result is moved aside in turn, so `out` is always one whole, verified set.
+            old = old or Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(out, old / str(attempt))
+        raise FnexportError(f"{out}: could not be replaced after 100 attempts (other writers keep replacing it)")
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
