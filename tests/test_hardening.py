@@ -85,9 +85,9 @@ def bad_checkpoints(layouts, tmp_path_factory) -> dict[str, tuple[Path, str]]:
         "empty": (folder / "empty.pth", "empty"),
         "foreign": (folder / "resnet.pth", "no FasterNet weights"),
         "text": (folder / "notes.pth", "notes.pth"),
-        "directory": (folder / "a_folder.pth", "no such file"),
+        "directory": (folder / "a_folder.pth", "is a folder"),
         "json": (folder / "labels.json", "labels.json"),
-        "corrupt": (folder / "corrupt.pth", "corrupt.pth"),
+        "corrupt": (folder / "corrupt.pth", "fails its CRC check"),
         "pickled_module": (layouts["module"], "--unsafe-load"),
     }
 
