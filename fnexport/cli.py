@@ -267,7 +267,7 @@ def demo(
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Where the demo writes its checkpoint and artifacts.")
     ] = Path("fnexport-demo"),
-    steps: Annotated[int, typer.Option(help="Training steps (batch 64).")] = 200,
+    steps: Annotated[int, typer.Option(help="Training steps (batch 64).")] = 150,
     as_json: Json = False,
 ) -> None:
     """Train a FasterNet-T0 on the digits bundled with scikit-learn, convert it to every installed target, check parity."""
