@@ -1,0 +1,147 @@
+"""Reproduce the README speed table: FasterNet T0, T1, T2 at 224 on every installed backend, as Markdown.
+
+python benchmarks/speed_table.py --out benchmarks/speed_table.md [--json raw.json] [--seconds 4] [--threads N]
+
+Weights are random: speed does not depend on them, and nothing is downloaded. Each variant is one
+`fnexport bench` run (PyTorch eager, the reparameterized model, one artifact per target and
+precision that converts and runs here), so every ratio in a row comes from interleaved rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+from fnexport.bench import bench
+from fnexport.console import log, setup_logging
+from fnexport.convert import convert
+from fnexport.errors import BackendUnavailable, BadInput, CheckFailed
+from fnexport.model.checkpoint import load_checkpoint
+from fnexport.recipes import Recipe, Tolerance
+from fnexport.targets import TARGETS
+
+VARIANTS = ("fasternet_t0", "fasternet_t1", "fasternet_t2")
+# Random weights give near-uniform logits, so reduced-precision top-1 agreement means nothing here;
+# parity is what the target tests check. FP32 keeps its absolute tolerance.
+SPEED_ONLY = Tolerance(min_cosine=-1.0, min_top1=0.0)
+
+
+def build(variant: str, workdir: Path, targets: set[str] | None) -> tuple[list[str], list[str]]:
+    """Convert one variant to every installed target and precision; returns (artifact dirs, skip notes)."""
+    ckpt = load_checkpoint(variant)
+    dirs, notes = [], []
+    for target in TARGETS:
+        if targets and target.name not in targets:
+            continue
+        for precision in target.precisions:
+            recipe = Recipe(
+                target=target.name,
+                precision=precision,
+                dynamic=True,
+                calib_samples=32,
+                parity_samples=8,
+                tolerance=SPEED_ONLY if precision != "fp32" else Tolerance(),
+            )
+            out = workdir / f"{variant.removeprefix('fasternet_')}-{target.name}-{precision}"
+            if (out / "manifest.json").exists():
+                dirs.append(str(out))  # kept from an earlier run with the same --workdir
+                continue
+            try:
+                convert(ckpt, recipe, out)
+            except (BackendUnavailable, BadInput, CheckFailed) as err:
+                log.warning("%s %s %s: %s", variant, target.name, precision, err)
+                notes.append(f"{variant} {target.name} {precision}: {str(err).split(';')[0]}")
+                continue
+            dirs.append(str(out))
+    return dirs, notes
+
+
+def table(results: list[dict], batches: tuple[int, ...]) -> str:
+    """One line per model, backend and precision; latency at the smallest batch, throughput at the largest."""
+    small, large = min(batches), max(batches)
+    head = (
+        f"| Model | GMACs | Backend | Precision | PConv | Latency b{small} p50 ms | vs eager "
+        f"| img/s b{large} | vs eager | GFLOPS b{large} | % FP32 peak |"
+    )
+    lines = [head, "|---|--:|---|---|---|--:|--:|--:|--:|--:|--:|"]
+    for result in results:
+        rows = [r for r in result["rows"] if not r["skipped"]]
+        keys = dict.fromkeys((r["model"], r["kind"], r["name"]) for r in rows)
+        for model, kind, name in keys:
+            by_batch = {r["batch"]: r for r in rows if (r["model"], r["kind"], r["name"]) == (model, kind, name)}
+            first = next(iter(by_batch.values()))
+            lo, hi = by_batch.get(small), by_batch.get(large)
+            backend = first["backend"] + (f" {kind}" if kind != "artifact" else "")
+            mark = "" if first["precision"] == "fp32" else "*"
+            lines.append(
+                f"| {model.removeprefix('fasternet_').upper()} | {first['macs'] / 1e9:.3f} | {backend} "
+                f"| {first['precision']} | {first['pconv_form']} "
+                + (f"| {lo['latency_ms_p50']:.2f} | {lo['speedup_vs_eager']:.2f}x " if lo else "| - | - ")
+                + (
+                    f"| {hi['throughput_ips']:.1f} | {hi['speedup_vs_eager']:.2f}x | {hi['gflops']:.1f} "
+                    f"| {hi['pct_of_fp32_peak']:.0f}%{mark} |"
+                    if hi
+                    else "| - | - | - | - |"
+                )
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/speed_table.md"))
+    parser.add_argument("--json", type=Path, help="Also write the raw bench results here.")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--targets", help="Comma-separated targets (default: every registered one).")
+    parser.add_argument("--batch", default="1,16")
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--workdir", type=Path, help="Keep artifacts here and reuse them on the next run.")
+    args = parser.parse_args()
+    setup_logging()
+    batches = tuple(int(b) for b in args.batch.split(","))
+    targets = set(args.targets.split(",")) if args.targets else None
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fnexport-speed-"))
+    results, notes = [], []
+    for variant in args.variants.split(","):
+        dirs, skipped = build(variant, workdir, targets)
+        notes += skipped
+        log.info("Benchmarking %s: PyTorch and %d artifacts", variant, len(dirs))
+        results.append(bench([variant, *dirs], batches, threads=args.threads, seconds=args.seconds))
+    m = results[0]["machine"]
+    peaks = ", ".join(f"{r['machine']['fp32_gemm_peak_gflops']:g}" for r in results)
+    loads = ", ".join(
+        f"{r['machine']['load_avg_1m']['before']}-{r['machine']['load_avg_1m']['after']}" for r in results
+    )
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+    text = [
+        f"Measured on {m['cpu']} ({m['cores']} cores, {m['threads']} threads used; ISA {' '.join(m['isa'])}"
+        + (f"; GPU {m['gpu']}" if m["gpu"] else "")
+        + f"), {versions}.",
+        f"FP32 GEMM peak per run: {peaks} GFLOPS. Load average (1 min) before-after each run: {loads}.",
+        f"Command: `python {shlex.join(sys.argv)}` ({os.path.basename(sys.executable)}).",
+        "",
+        table(results, batches),
+        "",
+        "\\* INT8/bf16/fp16 rows are put against the FP32 GEMM peak: over 100% is possible and means the",
+        "lower precision buys more than FP32 can reach. `vs eager`: throughput ratio to PyTorch eager FP32",
+        "(the model as loaded, BatchNorm unfolded) in the same interleaved run.",
+    ]
+    for result in results:
+        notes += [f"{r['name']}: {r['skipped']}" for r in result["rows"] if r["skipped"]]
+    if notes:
+        text += ["", "Not measured here:", *(f"- {n}" for n in notes)]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(text) + "\n")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()
