@@ -43,6 +43,7 @@ def build(variant: str, workdir: Path, targets: set[str] | None) -> tuple[list[s
                 target=target.name,
                 precision=precision,
                 dynamic=True,
+                calib="embedded:natural" if precision == "int8" else None,
                 calib_samples=32,
                 parity_samples=8,
                 tolerance=SPEED_ONLY if precision != "fp32" else Tolerance(),

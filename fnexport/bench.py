@@ -108,8 +108,10 @@ def bench(
             for group in groups.values():
                 add_pytorch(group, batches, configs)
         gemm = gemm_config()
+        before = cpu_times()
         with torch.inference_mode():
             measure([*configs, gemm], warmup, iters, seconds)
+        others = other_cpu_pct(before, cpu_times())
     finally:
         for runner in runners:
             runner.close()
@@ -120,6 +122,7 @@ def bench(
         "fp32_gemm_peak_gflops": sig(peak),
         "fp32_gemm": f"torch.matmul {GEMM_N}x{GEMM_N} float32, {threads} threads, median of the same rounds",
         "load_avg_1m": {"before": load, "after": round(os.getloadavg()[0], 2) if load is not None else None},
+        "other_processes_cpu_pct": others,
         "timing": {
             "warmup_calls": warmup,
             "iters": iters,
@@ -133,6 +136,26 @@ def bench(
 
 def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cpu_times() -> tuple[float, float, float] | None:
+    """Machine busy and total CPU seconds (Linux /proc/stat) and this process's own CPU seconds."""
+    try:
+        fields = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + fields[4]  # idle + iowait
+    own = os.times()
+    return (sum(fields) - idle) / tick, sum(fields) / tick, own.user + own.system
+
+
+def other_cpu_pct(before: tuple | None, after: tuple | None) -> float | None:
+    """Share of the machine's CPU time other processes used while timing: noise to quote beside the numbers."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    busy, total, own = (a - b for a, b in zip(after, before, strict=True))
+    return round(max(0.0, 100 * (busy - own) / total), 1)
 
 
 def group_for(
@@ -333,7 +356,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"{m['cpu']}, {m['threads']} of {m['cores']} threads, ISA {' '.join(m['isa']) or '-'}"
         + (f", GPU {m['gpu']}" if m["gpu"] else ""),
-        f"FP32 GEMM peak {m['fp32_gemm_peak_gflops']:g} GFLOPS; load average {load['before']} before, {load['after']} after",
+        f"FP32 GEMM peak {m['fp32_gemm_peak_gflops']:g} GFLOPS; load average {load['before']} before, {load['after']} after; "
+        f"other processes used {m['other_processes_cpu_pct']}% of the CPU while timing",
         "",
         "| name | backend | precision | PConv | batch | p50 ms | p90 ms | p99 ms | img/s | GMACs | GFLOPS | % FP32 peak | vs eager |",
         "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",

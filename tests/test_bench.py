@@ -58,6 +58,7 @@ def test_json_is_complete(result):
     m = data["machine"]
     assert m["cpu"] and m["threads"] >= 1 and m["cores"] >= 1
     assert m["fp32_gemm_peak_gflops"] > 0
+    assert m["other_processes_cpu_pct"] is None or 0 <= m["other_processes_cpu_pct"] <= 100
     assert {"torch", "onnxruntime"} <= set(m["versions"])
     rows = measured(data["rows"])
     # Per batch: eager, the faster reparameterized form and the dynamic artifact; batch 1 also the fixed one.
