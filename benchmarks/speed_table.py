@@ -31,8 +31,8 @@ VARIANTS = ("fasternet_t0", "fasternet_t1", "fasternet_t2")
 SPEED_ONLY = Tolerance(min_cosine=-1.0, min_top1=0.0)
 
 
-def build(variant: str, workdir: Path, targets: set[str] | None) -> tuple[list[str], list[str]]:
-    """Convert one variant to every installed target and precision; returns (artifact dirs, skip notes)."""
+def build(variant: str, workdir: Path, targets: set[str] | None) -> tuple[list[str], list[tuple[str, str]]]:
+    """Convert one variant to every installed target and precision; returns (artifact dirs, (what, why) skips)."""
     ckpt = load_checkpoint(variant)
     dirs, notes = [], []
     for target in TARGETS:
@@ -56,7 +56,8 @@ def build(variant: str, workdir: Path, targets: set[str] | None) -> tuple[list[s
                 convert(ckpt, recipe, out)
             except (BackendUnavailable, BadInput, CheckFailed) as err:
                 log.warning("%s %s %s: %s", variant, target.name, precision, err)
-                notes.append(f"{variant} {target.name} {precision}: {str(err).split(';')[0]}")
+                why = str(err).split(";")[0].replace(str(out), "DIR")
+                notes.append((f"{variant.removeprefix('fasternet_').upper()} {target.name} {precision}", why))
                 continue
             dirs.append(str(out))
     return dirs, notes
@@ -78,10 +79,12 @@ def table(results: list[dict], batches: tuple[int, ...]) -> str:
             first = next(iter(by_batch.values()))
             lo, hi = by_batch.get(small), by_batch.get(large)
             backend = first["backend"] + (f" {kind}" if kind != "artifact" else "")
+            # The reparameterized row keeps the faster PConv form per batch; name both when they differ.
+            form = "/".join(dict.fromkeys(r["pconv_form"] for r in (lo, hi) if r))
             mark = "" if first["precision"] == "fp32" else "*"
             lines.append(
                 f"| {model.removeprefix('fasternet_').upper()} | {first['macs'] / 1e9:.3f} | {backend} "
-                f"| {first['precision']} | {first['pconv_form']} "
+                f"| {first['precision']} | {form} "
                 + (f"| {lo['latency_ms_p50']:.2f} | {lo['speedup_vs_eager']:.2f}x " if lo else "| - | - ")
                 + (
                     f"| {hi['throughput_ips']:.1f} | {hi['speedup_vs_eager']:.2f}x | {hi['gflops']:.1f} "
@@ -134,9 +137,12 @@ def main() -> None:
         "(the model as loaded, BatchNorm unfolded) in the same interleaved run.",
     ]
     for result in results:
-        notes += [f"{r['name']}: {r['skipped']}" for r in result["rows"] if r["skipped"]]
+        notes += [(r["name"], r["skipped"]) for r in result["rows"] if r["skipped"]]
     if notes:
-        text += ["", "Not measured here:", *(f"- {n}" for n in notes)]
+        reasons: dict[str, list[str]] = {}
+        for what, why in notes:
+            reasons.setdefault(why, []).append(what)
+        text += ["", "Not measured here:", *(f"- {', '.join(whats)}: {why}" for why, whats in reasons.items())]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(text) + "\n")
     if args.json:
