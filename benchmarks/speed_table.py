@@ -38,6 +38,9 @@ def build(variant: str, workdir: Path, targets: set[str] | None) -> tuple[list[s
     for target in TARGETS:
         if targets and target.name not in targets:
             continue
+        if target.name == "coreml" and sys.platform != "darwin":  # its runner needs the Core ML framework
+            notes.append((f"{variant.removeprefix('fasternet_').upper()} coreml", "Core ML prediction needs macOS"))
+            continue
         for precision in target.precisions:
             recipe = Recipe(
                 target=target.name,

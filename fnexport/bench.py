@@ -65,7 +65,7 @@ class Config:
 
 
 def bench(
-    inputs: list[str],
+    inputs: list[str | Checkpoint],
     batches: tuple[int, ...] = DEFAULT_BATCHES,
     threads: int | None = None,
     warmup: int = 3,
@@ -75,7 +75,7 @@ def bench(
     act: str | None = None,
     unsafe_load: bool = False,
 ) -> dict[str, Any]:
-    """Time every input (checkpoint, variant name or artifact directory) and return {"machine", "rows"}."""
+    """Time every input (checkpoint, variant name, artifact directory or loaded Checkpoint); {"machine", "rows"}."""
     if iters is not None and seconds is not None:
         raise BadInput("give --iters or --seconds, not both")
     if not inputs:
@@ -98,13 +98,16 @@ def bench(
     try:
         with step("Loading models and artifacts"):
             for spec in inputs:
-                path = Path(spec)
-                if path.is_dir():
-                    runner = add_artifact(path, batches, threads, groups, configs, skipped)
+                if not isinstance(spec, Checkpoint) and Path(spec).is_dir():
+                    runner = add_artifact(Path(spec), batches, threads, groups, configs, skipped)
                     if runner is not None:
                         runners.append(runner)
                 else:
-                    ckpt = load_checkpoint(spec, act=act, unsafe_load=unsafe_load)
+                    ckpt = (
+                        spec
+                        if isinstance(spec, Checkpoint)
+                        else load_checkpoint(spec, act=act, unsafe_load=unsafe_load)
+                    )
                     group_for(groups, ckpt.config, imgsz, ckpt.name, ckpt)
             for group in groups.values():
                 add_pytorch(group, batches, configs)

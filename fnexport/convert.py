@@ -215,8 +215,14 @@ def doctor() -> list[dict]:
     return rows
 
 
-def release(ckpt: Checkpoint, recipes: list[tuple[str, Recipe]], out: Path, allow_not_run: bool = False) -> dict:
-    """Convert every recipe into `out`, gate each with parity, mark failures, write summary.json/.md."""
+def release(
+    ckpt: Checkpoint, recipes: list[tuple[str, Recipe]], out: Path, allow_not_run: bool = False, bench: bool = False
+) -> dict:
+    """Convert every recipe into `out`, gate each with parity, mark failures, write summary.json/.md.
+
+    With `bench`, the shipped artifacts are then timed in one interleaved `fnexport bench` run with the
+    recipes' `bench:` settings (the union of their batch sizes, the longest time per row) into bench.json.
+    """
     import json
 
     from fnexport.errors import FnexportError
@@ -262,6 +268,22 @@ def release(ckpt: Checkpoint, recipes: list[tuple[str, Recipe]], out: Path, allo
         rows.append(row)
     ok = all(r["status"] == "PASS" or (allow_not_run and r["status"] == "NOT RUN") for r in rows)
     summary = {"checkpoint": ckpt.source(), "passed": ok, "artifacts": rows}
+    shipped = [Path(r["dir"]) for r in rows if r["status"] in ("PASS", "NOT RUN") and Path(r["dir"]).is_dir()]
+    if bench and shipped:
+        from fnexport.bench import bench as run_bench
+        from fnexport.bench import markdown as bench_markdown
+
+        specs = [recipe.bench for _, recipe in recipes]
+        result = run_bench(
+            [ckpt, *map(str, shipped)],
+            tuple(sorted({b for spec in specs for b in spec.batches})),
+            threads=next((spec.threads for spec in specs if spec.threads), None),
+            seconds=max(spec.seconds for spec in specs),
+            imgsz=recipes[0][1].imgsz,
+        )
+        (out / "bench.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        summary["bench"] = str(out / "bench.json")
+        md += ["## Speed", "", bench_markdown(result), ""]
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     lines = [f"| {r['recipe']} | {r['target']} | {r['precision']} | {r['status']} | {r['dir']} |" for r in rows]
     table = ["| recipe | target | precision | status | directory |", "|---|---|---|---|---|", *lines, ""]

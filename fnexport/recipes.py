@@ -54,7 +54,7 @@ class Recipe(_Strict):
     imgsz: int = Field(224, ge=32)
     batch: int = Field(1, ge=1)
     dynamic: bool = False
-    opset: int = Field(18, ge=13, le=23)
+    opset: int = Field(20, ge=13, le=23)
     preprocess: PreprocessSpec = PreprocessSpec()
     calib: str | None = None
     calib_samples: int = Field(300, ge=1)

@@ -110,19 +110,29 @@ def test_flags_override_recipe_values(digits_ckpt, digits_dirs, tmp_path):
 
 def test_release_bundles_gates_and_marks_failures(digits_ckpt, digits_dirs, tmp_path):
     train, test = digits_dirs
-    common = {"variant": "fasternet_t0", "imgsz": 64, "parity_data": str(test), "parity_samples": 100,
+    common = {"variant": "fasternet_t0", "imgsz": 64, "dynamic": True, "parity_data": str(test), "parity_samples": 100,
               "preprocess": {"crop_pct": 1.0, "interpolation": "bilinear"}}  # fmt: skip
-    good = _write(tmp_path, "t0-onnx", {**common, "target": "onnx", "description": "fp32"})
-    int8 = _write(tmp_path, "t0-ov-int8", {**common, "target": "openvino", "precision": "int8", "calib": str(train)})
+    fast = {"batches": [1, 3], "seconds": 0.3}
+    good = _write(tmp_path, "t0-onnx", {**common, "target": "onnx", "description": "fp32", "bench": fast})
+    int8 = _write(
+        tmp_path, "t0-ov-int8",
+        {**common, "target": "openvino", "precision": "int8", "calib": str(train), "bench": fast | {"batches": [2]}},
+    )  # fmt: skip
     out = tmp_path / "release"
     code, _stdout, stderr = cli(
-        "release", str(digits_ckpt), "--recipe", str(good), "--recipe", str(int8), "-o", str(out)
+        "release", str(digits_ckpt), "--recipe", str(good), "--recipe", str(int8), "-o", str(out), "--bench"
     )
     assert code == 0, stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["passed"] and [a["status"] for a in summary["artifacts"]] == ["PASS", "PASS"]
     assert (out / "t0-onnx" / "model.onnx").is_file() and (out / "t0-ov-int8" / "manifest.json").is_file()
-    assert "| t0-ov-int8 | openvino | int8 | PASS |" in (out / "summary.md").read_text()
+    text = (out / "summary.md").read_text()
+    assert "| t0-ov-int8 | openvino | int8 | PASS |" in text and "## Speed" in text
+    # --bench: the shipped artifacts and the checkpoint, at the union of the recipes' batch sizes
+    rows = json.loads((out / "bench.json").read_text())["rows"]
+    timed = {(r["name"], r["batch"]) for r in rows if not r["skipped"]}
+    assert {(name, b) for name in ("t0-onnx", "t0-ov-int8") for b in (1, 2, 3)} <= timed
+    assert all(r["speedup_vs_eager"] > 0 and r["accuracy"] is not None for r in rows if r["kind"] == "artifact")
 
     strict = _write(tmp_path, "t0-strict", {**common, "target": "onnx", "tolerance": {"atol": 1e-12}})
     out2 = tmp_path / "release2"

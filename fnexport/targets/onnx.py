@@ -58,7 +58,7 @@ def export_onnx(src: Source, path: Path) -> Path:
     return path
 
 
-def export_plain(model, path: Path, imgsz: int, batch: int = 1, dynamic: bool = True, opset: int = 18) -> Path:
+def export_plain(model, path: Path, imgsz: int, batch: int = 1, dynamic: bool = True, opset: int = 20) -> Path:
     """torch.onnx.export (dynamo) of `model` as it is, single file, stdout kept clean."""
     import torch
 
