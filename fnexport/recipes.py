@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import sysconfig
 from pathlib import Path
 from typing import Literal
 
@@ -121,12 +122,15 @@ class Recipe(_Strict):
         return Preprocess(self.imgsz, p.mean, p.std, p.crop_pct, p.interpolation)
 
 
-# Built-in recipes live in the source tree's recipes/ folder (shipped with the repository).
-BUILTIN_DIR = Path(__file__).resolve().parents[1] / "recipes"
+# Built-in recipes: the repository's recipes/ folder in a checkout or editable install; a wheel carries
+# the same files as data-files (pyproject.toml) under <prefix>/share/fnexport/recipes.
+SOURCE_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+INSTALLED_RECIPES = Path(sysconfig.get_path("data")) / "share" / "fnexport" / "recipes"
 
 
 def builtin_recipes() -> dict[str, Path]:
-    return {p.stem: p for p in sorted(BUILTIN_DIR.glob("*.yaml"))}
+    folder = SOURCE_RECIPES if SOURCE_RECIPES.is_dir() else INSTALLED_RECIPES
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
 
 
 def recipe_data(spec: str | Path) -> tuple[Path, dict]:

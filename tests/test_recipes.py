@@ -25,6 +25,27 @@ def test_builtin_recipes_validate_and_are_listed():
         assert name in stdout
 
 
+def test_builtin_recipes_outside_a_checkout(tmp_path, monkeypatch):
+    """A wheel install (docker/tensorrt) has no recipes/ beside the package: the data-files copy is used."""
+    from pathlib import Path
+
+    import tomllib
+
+    import fnexport.recipes as recipes
+
+    root = Path(recipes.__file__).resolve().parents[1]
+    data_files = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    shipped = {Path(p).stem for pattern in data_files["share/fnexport/recipes"] for p in root.glob(pattern)}
+    assert shipped == set(RECIPES)
+    for path in RECIPES.values():
+        (tmp_path / path.name).write_text(path.read_text())
+    monkeypatch.setattr(recipes, "SOURCE_RECIPES", tmp_path / "absent")
+    monkeypatch.setattr(recipes, "INSTALLED_RECIPES", tmp_path)
+    assert builtin_recipes() == {name: tmp_path / path.name for name, path in RECIPES.items()}
+    path, data = recipe_data("fasternet_t0-onnx-fp32")
+    assert path.parent == tmp_path and validate(data, str(path)).target == "onnx"
+
+
 @pytest.fixture(scope="module")
 def variant_ckpts(tmp_path_factory):
     """T2 and S with non-trivial BN statistics (their recipes use the embedded natural images)."""
