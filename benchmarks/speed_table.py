@@ -2,9 +2,10 @@
 
 python benchmarks/speed_table.py --out benchmarks/speed_table.md [--json raw.json] [--seconds 4] [--threads N]
 
-Weights are random: speed does not depend on them, and nothing is downloaded. Each variant is one
-`fnexport bench` run (PyTorch eager, the reparameterized model, one fixed-batch artifact per target,
-precision and batch size that converts and runs here), so every ratio in a row comes from interleaved rounds.
+Weights are random: speed does not depend on them, and nothing is downloaded. Each variant and batch size is
+one `fnexport bench` run (PyTorch eager, the reparameterized model, and the fixed-batch artifact of every
+target and precision that converts and runs here), so every ratio comes from interleaved rounds of one run;
+--repeat N runs each N times and reports the median ratio and its range.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import importlib.util
 import json
 import os
 import shlex
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -77,38 +79,52 @@ def build(
     return dirs, notes
 
 
-def table(results: list[dict], batches: tuple[int, ...]) -> str:
-    """One line per model, backend and precision; latency at the smallest batch, throughput at the largest."""
+def table(results: list[list[dict]], batches: tuple[int, ...]) -> str:
+    """One line per model, backend and precision; latency at the smallest batch, throughput at the largest.
+
+    `results` holds one list of repeated bench runs per variant. Every ratio is taken within one run; the
+    table gives the median over runs and, with several runs, the range."""
     small, large = min(batches), max(batches)
     head = (
         f"| Model | GMACs | Backend | Precision | PConv | Latency b{small} p50 ms | vs eager "
         f"| img/s b{large} | vs eager | GFLOPS b{large} | % FP32 peak |"
     )
     lines = [head, "|---|--:|---|---|---|--:|--:|--:|--:|--:|--:|"]
-    for result in results:
-        rows = [r for r in result["rows"] if not r["skipped"]]
+    for runs in results:
+        rows = [r for run in runs for r in run["rows"] if not r["skipped"]]
         keys = dict.fromkeys((r["model"], r["kind"], r["backend"], r["precision"]) for r in rows)
         for key in keys:
-            by_batch = {r["batch"]: r for r in rows if (r["model"], r["kind"], r["backend"], r["precision"]) == key}
-            model, kind = key[:2]
-            first = next(iter(by_batch.values()))
-            lo, hi = by_batch.get(small), by_batch.get(large)
-            backend = first["backend"] + (f" {kind}" if kind != "artifact" else "")
-            # The reparameterized row keeps the faster PConv form per batch; name both when they differ.
-            form = "/".join(dict.fromkeys(r["pconv_form"] for r in (lo, hi) if r))
-            mark = "" if first["precision"] == "fp32" else "*"
+            mine = [r for r in rows if (r["model"], r["kind"], r["backend"], r["precision"]) == key]
+            lo = [r for r in mine if r["batch"] == small]
+            hi = [r for r in mine if r["batch"] == large]
+            model, kind, backend, precision = key
+            backend += f" {kind}" if kind != "artifact" else ""
+            # The reparameterized row keeps the faster PConv form per batch; name every form that won.
+            form = "/".join(dict.fromkeys(r["pconv_form"] for r in lo + hi))
+            mark = "" if precision == "fp32" else "*"
             lines.append(
-                f"| {model.removeprefix('fasternet_').upper()} | {first['macs'] / 1e9:.3f} | {backend} "
-                f"| {first['precision']} | {form} "
-                + (f"| {lo['latency_ms_p50']:.2f} | {lo['speedup_vs_eager']:.2f}x " if lo else "| - | - ")
+                f"| {model.removeprefix('fasternet_').upper()} | {mine[0]['macs'] / 1e9:.3f} | {backend} "
+                f"| {precision} | {form} "
+                + (f"| {median(lo, 'latency_ms_p50'):.2f} | {ratio(lo)} " if lo else "| - | - ")
                 + (
-                    f"| {hi['throughput_ips']:.1f} | {hi['speedup_vs_eager']:.2f}x | {hi['gflops']:.1f} "
-                    f"| {hi['pct_of_fp32_peak']:.0f}%{mark} |"
+                    f"| {median(hi, 'throughput_ips'):.1f} | {ratio(hi)} | {median(hi, 'gflops'):.1f} "
+                    f"| {median(hi, 'pct_of_fp32_peak'):.0f}%{mark} |"
                     if hi
                     else "| - | - | - | - |"
                 )
             )
     return "\n".join(lines)
+
+
+def median(rows: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+def ratio(rows: list[dict]) -> str:
+    """Speedup vs eager: the median over runs, and the range when there are several."""
+    values = [r["speedup_vs_eager"] for r in rows]
+    spread = f" ({min(values):.2f}-{max(values):.2f})" if len(values) > 1 else ""
+    return f"{statistics.median(values):.2f}x{spread}"
 
 
 def main() -> None:
@@ -120,6 +136,7 @@ def main() -> None:
     parser.add_argument("--batch", default="1,16")
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--repeat", type=int, default=1, help="Bench runs per variant (ratios: median and range).")
     parser.add_argument("--workdir", type=Path, help="Keep artifacts here and reuse them on the next run.")
     args = parser.parse_args()
     setup_logging()
@@ -131,29 +148,45 @@ def main() -> None:
         dirs, skipped = build(variant, workdir, targets, batches)
         notes += skipped
         log.info("Benchmarking %s: PyTorch and %d artifacts", variant, len(dirs))
-        results.append(bench([variant, *dirs], batches, threads=args.threads, seconds=args.seconds))
-    m = results[0]["machine"]
-    peaks = ", ".join(f"{r['machine']['fp32_gemm_peak_gflops']:g}" for r in results)
-    loads = ", ".join(
-        f"{r['machine']['load_avg_1m']['before']}-{r['machine']['load_avg_1m']['after']}" for r in results
-    )
+        # One bench per batch size: eager and the artifacts of that batch interleaved. Loading every runtime
+        # for every batch into one process slowed the batch-1 rows by up to 1.5x (OpenVINO INT8 T0: 2.8-3.1
+        # ms beside batch-16 models, 1.9-2.1 ms without), which no deployment sees.
+        results.append(
+            [
+                bench([variant, *(d for d in dirs if d.endswith(f"-b{b}"))], (b,), args.threads, seconds=args.seconds)
+                for _ in range(args.repeat)
+                for b in batches
+            ]
+        )
+    runs = [run for variant_runs in results for run in variant_runs]
+    m = runs[0]["machine"]
+    peaks = ", ".join(f"{r['machine']['fp32_gemm_peak_gflops']:g}" for r in runs)
+    loads = ", ".join(f"{r['machine']['load_avg_1m']['before']}-{r['machine']['load_avg_1m']['after']}" for r in runs)
+    others = ", ".join(f"{r['machine']['other_processes_cpu_pct']}%" for r in runs)
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
     text = [
         f"Measured on {m['cpu']} ({m['cores']} cores, {m['threads']} threads used; ISA {' '.join(m['isa'])}"
         + (f"; GPU {m['gpu']}" if m["gpu"] else "")
         + f"), {versions}.",
-        f"FP32 GEMM peak per run: {peaks} GFLOPS. Load average (1 min) before-after each run: {loads}.",
+        f"{len(runs)} bench runs ({args.repeat} per model and batch size). FP32 GEMM peak per run: {peaks} GFLOPS. Load average "
+        f"(1 min) before-after each run: {loads}; CPU used by other processes while timing: {others}.",
         f"Command: `python {shlex.join(sys.argv)}` ({os.path.basename(sys.executable)}).",
         "",
         table(results, batches),
         "",
         "\\* INT8/bf16/fp16 rows are put against the FP32 GEMM peak: over 100% is possible and means the",
         "lower precision buys more than FP32 can reach. `vs eager`: throughput ratio to PyTorch eager FP32",
-        "(the model as loaded, BatchNorm unfolded) in the same interleaved run.",
+        "(the model as loaded, BatchNorm unfolded) in the same interleaved run; with several runs, the median",
+        "ratio and its range over runs. Latency, img/s and GFLOPS are medians over runs.",
     ]
-    for result in results:
+    for variant_runs in results:
         # Each artifact has one fixed batch; its "fixed batch" skips at the other sizes are by design.
-        notes += [(r["name"], r["skipped"]) for r in result["rows"] if r["skipped"] and r["batch"] is None]
+        notes += dict.fromkeys(
+            (r["name"], r["skipped"])
+            for run in variant_runs
+            for r in run["rows"]
+            if r["skipped"] and r["batch"] is None
+        )
     if notes:
         reasons: dict[str, list[str]] = {}
         for what, why in notes:

@@ -296,6 +296,8 @@ def measure(configs: list[Config], warmup: int, iters: int | None, seconds: floa
                 elapsed = time.perf_counter() - start
                 c.times.append(elapsed)
                 spent[i] += elapsed
+            # Re-estimate from this slice: one slow warm-up call must not shrink every later slice to one call.
+            c.per_call = float(np.median(c.times[-n:]))
         todo = [i for i in todo if (len(configs[i].times) < iters if iters is not None else spent[i] < seconds)]
     log.info("Timed %d configurations in %d interleaved rounds", len(configs), rounds)
 
