@@ -96,6 +96,9 @@ def run_demo(out: Path, steps: int = 150) -> dict:
         fields = dict(
             target=target, precision=precision, imgsz=IMGSZ, crop_pct=1.0, interpolation="bilinear",
             calib=str(train_dir), calib_samples=300, parity_data=str(test_dir), parity_samples=360,
+            # Percentile ranges: on a 150-step digits model MinMax left one held-out image at cosine 0.970
+            # (ONNX Runtime INT8, under the 0.98 gate), percentile 0.9985. At 64 px its histograms are small.
+            calib_method="percentile",
         )  # fmt: skip
         name, dest = f"{target} {precision}", out / f"{target}-{precision}"
         result: dict = {"target": target, "precision": precision, "dir": str(dest)}
