@@ -98,17 +98,16 @@ def bench(
     try:
         with step("Loading models and artifacts"):
             for spec in inputs:
-                if not isinstance(spec, Checkpoint) and Path(spec).is_dir():
+                if isinstance(spec, Checkpoint):
+                    ckpt = spec
+                elif Path(spec).is_dir():
                     runner = add_artifact(Path(spec), batches, threads, groups, configs, skipped)
                     if runner is not None:
                         runners.append(runner)
+                    continue
                 else:
-                    ckpt = (
-                        spec
-                        if isinstance(spec, Checkpoint)
-                        else load_checkpoint(spec, act=act, unsafe_load=unsafe_load)
-                    )
-                    group_for(groups, ckpt.config, imgsz, ckpt.name, ckpt)
+                    ckpt = load_checkpoint(spec, act=act, unsafe_load=unsafe_load)
+                group_for(groups, ckpt.config, imgsz, ckpt.name, ckpt)
             for group in groups.values():
                 add_pytorch(group, batches, configs)
         gemms = gemm_configs()

@@ -266,16 +266,16 @@ def release(
             dest.rename(failed)
             row["dir"] = str(failed)
         rows.append(row)
-    ok = all(r["status"] == "PASS" or (allow_not_run and r["status"] == "NOT RUN") for r in rows)
-    summary = {"checkpoint": ckpt.source(), "passed": ok, "artifacts": rows}
-    shipped = [Path(r["dir"]) for r in rows if r["status"] in ("PASS", "NOT RUN") and Path(r["dir"]).is_dir()]
-    if bench and shipped:
+    shipped = [r for r in rows if r["status"] == "PASS" or (allow_not_run and r["status"] == "NOT RUN")]
+    summary = {"checkpoint": ckpt.source(), "passed": len(shipped) == len(rows), "artifacts": rows}
+    shipped_dirs = [r["dir"] for r in shipped if Path(r["dir"]).is_dir()]  # a NOT RUN may have written nothing
+    if bench and shipped_dirs:
         from fnexport.bench import bench as run_bench
         from fnexport.bench import markdown as bench_markdown
 
         specs = [recipe.bench for _, recipe in recipes]
         result = run_bench(
-            [ckpt, *map(str, shipped)],
+            [ckpt, *shipped_dirs],
             tuple(sorted({b for spec in specs for b in spec.batches})),
             threads=next((spec.threads for spec in specs if spec.threads), None),
             seconds=max(spec.seconds for spec in specs),
