@@ -22,7 +22,7 @@ from pathlib import Path
 
 from fnexport.bench import bench
 from fnexport.console import log, setup_logging
-from fnexport.convert import convert
+from fnexport.conversion import convert
 from fnexport.errors import BackendUnavailable, BadInput, CheckFailed
 from fnexport.model.checkpoint import load_checkpoint
 from fnexport.recipes import Recipe, Tolerance

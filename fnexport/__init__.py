@@ -1,3 +1,5 @@
 """fnexport: FasterNet checkpoints to verified deployment artifacts."""
 
-__version__ = "0.1.0"
+from fnexport.version import __version__
+
+__all__ = ["__version__"]

@@ -16,12 +16,13 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from fnexport import manifest as mf
+import fnexport.manifest as mf
 from fnexport.console import log, require, step
 from fnexport.errors import BackendUnavailable, BadInput
 from fnexport.model.checkpoint import Checkpoint, load_checkpoint
 from fnexport.model.fasternet import PCONV_FORMS, FasterNet, FasterNetConfig, Partial_conv3, count
 from fnexport.model.reparam import reparameterize
+from fnexport.targets import get_target
 
 DEFAULT_BATCHES = (1, 16)
 DEFAULT_SECONDS = 4.0
@@ -76,56 +77,38 @@ def bench(
     unsafe_load: bool = False,
 ) -> dict[str, Any]:
     """Time every input (checkpoint, variant name, artifact directory or loaded Checkpoint); {"machine", "rows"}."""
-    if iters is not None and seconds is not None:
-        raise BadInput("give --iters or --seconds, not both")
-    if not inputs:
-        raise BadInput("give at least one checkpoint, variant name or artifact directory")
-    if not batches or min(batches) < 1:
-        raise BadInput(f"--batch {','.join(map(str, batches))}: batch sizes must be >= 1")
-    if (iters is not None and iters < 1) or (seconds is not None and seconds <= 0) or warmup < 0:
-        raise BadInput("--iters and --seconds must be positive, --warmup >= 0")
-    if imgsz < 32 or imgsz % 32:
-        raise BadInput(f"--imgsz {imgsz}: FasterNet needs a multiple of 32")
+    check_options(inputs, batches, warmup, iters, seconds, imgsz)
     seconds = DEFAULT_SECONDS if iters is None and seconds is None else seconds
     threads = threads or available_cores()
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    groups: dict[tuple, Group] = {}
-    configs: list[Config] = []
-    skipped: list[dict[str, Any]] = []
-    runners = []
     load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    plan = Plan()
     try:
         with step("Loading models and artifacts"):
             for spec in inputs:
-                if isinstance(spec, Checkpoint):
-                    ckpt = spec
-                elif Path(spec).is_dir():
-                    runner = add_artifact(Path(spec), batches, threads, groups, configs, skipped)
-                    if runner is not None:
-                        runners.append(runner)
+                if not isinstance(spec, Checkpoint) and Path(spec).is_dir():
+                    plan.add_artifact(Path(spec), batches, threads)
                     continue
-                else:
-                    ckpt = load_checkpoint(spec, act=act, unsafe_load=unsafe_load)
-                group_for(groups, ckpt.config, imgsz, ckpt.name, ckpt)
-            for group in groups.values():
-                add_pytorch(group, batches, configs)
+                ckpt = spec if isinstance(spec, Checkpoint) else load_checkpoint(spec, act=act, unsafe_load=unsafe_load)
+                plan.group_for(ckpt.config, imgsz, ckpt.name, ckpt)
+            for group in plan.groups.values():
+                plan.configs += pytorch_configs(group, batches)
         gemms = gemm_configs()
         before = cpu_times()
         with torch.inference_mode(), threadpool_limits(threads, user_api="blas"):
-            measure([*configs, *gemms], warmup, iters, seconds)
+            measure([*plan.configs, *gemms], warmup, iters, seconds)
         others = other_cpu_pct(before, cpu_times())
     finally:
-        for runner in runners:
+        for runner in plan.runners:
             runner.close()
         torch.set_num_threads(old_threads)
     gemm = {c.row["name"]: 2 * GEMM_N**3 / float(np.median(c.times)) / 1e9 for c in gemms}
     peak = max(gemm.values())
-    rows = finish(configs, peak) + skipped
-    info = machine(threads) | {
-        "fp32_gemm_peak_gflops": sig(peak),
+    info = describe_machine(threads) | {
+        "fp32_gemm_peak_gflops": round_sig(peak),
         "fp32_gemm": f"{GEMM_N}x{GEMM_N} float32 matmul, {threads} threads, median of the same rounds; the better of "
-        + ", ".join(f"{k} {sig(v)}" for k, v in gemm.items())
+        + ", ".join(f"{k} {round_sig(v)}" for k, v in gemm.items())
         + " GFLOPS",
         "load_avg_1m": {"before": load, "after": round(os.getloadavg()[0], 2) if load is not None else None},
         "other_processes_cpu_pct": others,
@@ -137,7 +120,22 @@ def bench(
             "throughput": "batch / median call time",
         },
     }
-    return {"machine": info, "rows": rows}
+    return {"machine": info, "rows": summarize(plan.configs, peak) + plan.skipped}
+
+
+def check_options(
+    inputs: list, batches: tuple[int, ...], warmup: int, iters: int | None, seconds: float | None, imgsz: int
+) -> None:
+    if iters is not None and seconds is not None:
+        raise BadInput("give --iters or --seconds, not both")
+    if not inputs:
+        raise BadInput("give at least one checkpoint, variant name or artifact directory")
+    if not batches or min(batches) < 1:
+        raise BadInput(f"--batch {','.join(map(str, batches))}: batch sizes must be >= 1")
+    if (iters is not None and iters < 1) or (seconds is not None and seconds <= 0) or warmup < 0:
+        raise BadInput("--iters and --seconds must be positive, --warmup >= 0")
+    if imgsz < 32 or imgsz % 32:
+        raise BadInput(f"--imgsz {imgsz}: FasterNet needs a multiple of 32")
 
 
 def available_cores() -> int:
@@ -164,77 +162,84 @@ def other_cpu_pct(before: tuple | None, after: tuple | None) -> float | None:
     return round(max(0.0, 100 * (busy - own) / total), 1)
 
 
-def group_for(
-    groups: dict[tuple, Group], cfg: FasterNetConfig, imgsz: int, label: str, ckpt: Checkpoint | None = None
-) -> Group:
-    key = (json.dumps(cfg.to_dict(), sort_keys=True), imgsz)
-    if key not in groups:
-        # Speed does not depend on the weights, so an artifact alone is compared with its architecture.
-        model = ckpt.model if ckpt else FasterNet(cfg).eval()
-        groups[key] = Group(label, model, imgsz, count(model, imgsz)[1], ckpt.sha256 if ckpt else None)
-    return groups[key]
+@dataclass
+class Plan:
+    """What one bench run times: models by architecture and size, their configs, skipped rows, open runners."""
+
+    groups: dict[tuple, Group] = field(default_factory=dict)
+    configs: list[Config] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    runners: list[Any] = field(default_factory=list)
+
+    def group_for(self, cfg: FasterNetConfig, imgsz: int, label: str, ckpt: Checkpoint | None = None) -> Group:
+        key = (json.dumps(cfg.to_dict(), sort_keys=True), imgsz)
+        if key not in self.groups:
+            # Speed does not depend on the weights, so an artifact alone is compared with its architecture.
+            model = ckpt.model if ckpt else FasterNet(cfg).eval()
+            self.groups[key] = Group(label, model, imgsz, count(model, imgsz)[1], ckpt.sha256 if ckpt else None)
+        return self.groups[key]
+
+    def add_artifact(self, path: Path, batches: tuple[int, ...], threads: int) -> None:
+        """An artifact directory beside the PyTorch model of its architecture and size."""
+        manifest = mf.read(path)
+        cfg = FasterNetConfig(**{k: v for k, v in manifest["model"].items() if k not in ("params", "macs", "variant")})
+        group = self.group_for(cfg, manifest["recipe"]["imgsz"], cfg.variant)
+        parity = manifest.get("parity", {})
+        if (
+            group.accuracy is None
+            and parity.get("ref_accuracy") is not None
+            and group.sha256 in (None, manifest["source"]["sha256"])
+        ):
+            group.accuracy = parity["ref_accuracy"]
+        configs, skipped, runner = artifact_configs(path, manifest, group, batches, threads)
+        self.configs += configs
+        self.skipped += skipped
+        if runner is not None:
+            self.runners.append(runner)
 
 
-def add_artifact(
-    path: Path,
-    batches: tuple[int, ...],
-    threads: int,
-    groups: dict[tuple, Group],
-    configs: list[Config],
-    skipped: list[dict],
-) -> Any:
-    """Open an artifact directory's runner and add one config per batch it can take; returns the runner."""
-    from fnexport.targets import get_target
-
-    manifest = mf.read(path)
-    model = {k: v for k, v in manifest["model"].items() if k not in ("params", "macs", "variant")}
-    cfg = FasterNetConfig(**model)
-    imgsz = manifest["recipe"]["imgsz"]
-    group = group_for(groups, cfg, imgsz, cfg.variant)
-    parity = manifest.get("parity", {})
-    if (
-        group.accuracy is None
-        and parity.get("ref_accuracy") is not None
-        and group.sha256 in (None, manifest["source"]["sha256"])
-    ):
-        group.accuracy = parity["ref_accuracy"]
+def artifact_configs(
+    path: Path, manifest: dict, group: Group, batches: tuple[int, ...], threads: int
+) -> tuple[list[Config], list[dict[str, Any]], Any]:
+    """The artifact's runner and one config per batch it can take, a skipped row per other (or one, unrunnable)."""
     target = get_target(manifest["target"])
     base = {
         "name": path.name,
         "kind": "artifact",
-        "model": cfg.variant,
+        "model": group.model.cfg.variant,
         "backend": target.name,
         "precision": manifest["precision"],
-        "imgsz": imgsz,
+        "imgsz": group.imgsz,
         "macs": manifest["model"]["macs"],
         "pconv_form": manifest.get("details", {}).get("pconv_form", target.pconv_form),
-        "accuracy": parity.get("accuracy"),
+        "accuracy": manifest.get("parity", {}).get("accuracy"),
         "artifact": str(path / manifest["artifact"]),
     }
     try:
         runner = target.runner(path / manifest["artifact"], manifest, threads)
     except BackendUnavailable as err:
         log.warning("Skipping %s: %s", path, err)
-        skipped.append(base | {"batch": None, "skipped": str(err)})
-        return None
+        return [], [base | {"batch": None, "skipped": str(err)}], None
     base["runtime"] = dict(runner.info)
+    configs, skipped = [], []
     for b in batches:
         if runner.batch not in (None, b):
             reason = f"artifact has a fixed batch of {runner.batch}; convert with --dynamic or --batch {b}"
             skipped.append(base | {"batch": b, "skipped": reason})
             continue
-        x = example(imgsz, b)
+        x = random_batch(group.imgsz, b)
         configs.append(Config(base | {"batch": b}, lambda runner=runner, x=x: runner(x), group))
-    return runner
+    return configs, skipped, runner
 
 
-def add_pytorch(group: Group, batches: tuple[int, ...], configs: list[Config]) -> None:
+def pytorch_configs(group: Group, batches: tuple[int, ...]) -> list[Config]:
     """Eager FP32 as loaded (the baseline), and the reparameterized model in each PConv form."""
     loaded_form = next(m.form for m in group.model.modules() if isinstance(m, Partial_conv3))
     models = [("eager", loaded_form, group.model.eval())]
     models += [("reparam", form, reparameterize(group.model, form)) for form in PCONV_FORMS]
+    configs = []
     for b in batches:
-        x = torch.from_numpy(example(group.imgsz, b))
+        x = torch.from_numpy(random_batch(group.imgsz, b))
         for kind, form, model in models:
             row = {
                 "name": f"{group.label} {kind}",
@@ -250,9 +255,10 @@ def add_pytorch(group: Group, batches: tuple[int, ...], configs: list[Config]) -
                 "runtime": {"runtime": f"torch {torch.__version__} eager", "threads": torch.get_num_threads()},
             }
             configs.append(Config(row, lambda model=model, x=x: model(x), group))
+    return configs
 
 
-def example(imgsz: int, batch: int) -> np.ndarray:
+def random_batch(imgsz: int, batch: int) -> np.ndarray:
     return np.random.default_rng(0).standard_normal((batch, 3, imgsz, imgsz), dtype=np.float32)
 
 
@@ -301,7 +307,7 @@ def measure(configs: list[Config], warmup: int, iters: int | None, seconds: floa
     log.info("Timed %d configurations in %d interleaved rounds", len(configs), rounds)
 
 
-def finish(configs: list[Config], peak: float) -> list[dict[str, Any]]:
+def summarize(configs: list[Config], peak: float) -> list[dict[str, Any]]:
     """Percentiles, throughput, GFLOPS and speedups; of the two reparameterized PConv forms only the faster is kept."""
     for c in configs:
         ms = np.array(c.times) * 1e3
@@ -309,12 +315,12 @@ def finish(configs: list[Config], peak: float) -> list[dict[str, Any]]:
         ips = c.row["batch"] * 1e3 / p50
         gflops = 2 * c.row["macs"] * ips / 1e9
         c.row |= {
-            "latency_ms_p50": sig(p50),
-            "latency_ms_p90": sig(p90),
-            "latency_ms_p99": sig(p99),
-            "throughput_ips": sig(ips),
-            "gflops": sig(gflops),
-            "pct_of_fp32_peak": sig(100 * gflops / peak),
+            "latency_ms_p50": round_sig(p50),
+            "latency_ms_p90": round_sig(p90),
+            "latency_ms_p99": round_sig(p99),
+            "throughput_ips": round_sig(ips),
+            "gflops": round_sig(gflops),
+            "pct_of_fp32_peak": round_sig(100 * gflops / peak),
             "calls": len(c.times),
             "skipped": None,
         }
@@ -327,17 +333,17 @@ def finish(configs: list[Config], peak: float) -> list[dict[str, Any]]:
                 continue
             c.row["pconv_forms_ms_p50"] = {r["pconv_form"]: r["latency_ms_p50"] for r in rivals}
         eager = next(d.row for d in slot if d.row["kind"] == "eager")
-        c.row["speedup_vs_eager"] = sig(c.row["throughput_ips"] / eager["throughput_ips"])
+        c.row["speedup_vs_eager"] = round_sig(c.row["throughput_ips"] / eager["throughput_ips"])
         kept.append(c.row)
     return kept
 
 
-def sig(x: float) -> float:
+def round_sig(x: float) -> float:
     """Four significant digits: finer than timing noise, coarse enough to read."""
     return float(f"{x:.4g}")
 
 
-def machine(threads: int) -> dict[str, Any]:
+def describe_machine(threads: int) -> dict[str, Any]:
     """What the numbers were measured on, so they can be compared later."""
     cpu, flags = platform.processor() or platform.machine(), set()
     if Path("/proc/cpuinfo").exists():
@@ -360,7 +366,7 @@ def machine(threads: int) -> dict[str, Any]:
     }
 
 
-def markdown(result: dict[str, Any]) -> str:
+def tabulate_speed(result: dict[str, Any]) -> str:
     """The result as a Markdown table, with the machine above it and skipped rows below."""
     m = result["machine"]
     load = m["load_avg_1m"]

@@ -11,10 +11,21 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
 
-from fnexport.console import setup_logging
-from fnexport.errors import BackendUnavailable, BadInput, FnexportError
+from fnexport.bench import bench, plot, tabulate_speed
+from fnexport.console import console, log, setup_logging
+from fnexport.conversion import convert
+from fnexport.data import DEFAULT_DATA, make_calibration, resolve
+from fnexport.demo import run_demo
+from fnexport.doctor import doctor
+from fnexport.engine import build_engine_dir
+from fnexport.errors import BackendUnavailable, BadInput, CheckFailed, FnexportError
+from fnexport.gate import all_passed, gate, tabulate_parity
+from fnexport.inspection import inspect
+from fnexport.model.checkpoint import load_checkpoint
+from fnexport.recipes import build_recipe, builtin_recipes, load_recipe, recipe_data, tolerance_from_flags
+from fnexport.release import release
+from fnexport.targets.tensorrt import EngineOptions
 
 app = typer.Typer(
     add_completion=False,
@@ -56,29 +67,6 @@ def _floats3(text: str | None, flag: str) -> tuple[float, float, float] | None:
     return values  # type: ignore[return-value]
 
 
-def make_recipe(fields: dict[str, Any], recipe: str | None = None):
-    """A validated Recipe: a recipe file (path or built-in name) if given, then flag values (None = not given)."""
-    from fnexport.recipes import Recipe, recipe_data, validate
-
-    base: dict[str, Any] = {"target": "onnx"}
-    if recipe is not None:
-        path, base = recipe_data(recipe)
-        validate(base, str(path))
-    pre = {k: fields.pop(k) for k in ("mean", "std", "crop_pct", "interpolation") if k in fields}
-    tol = {k: fields.pop(k) for k in ("atol", "min_cosine", "min_top1") if k in fields}
-    data = {**base, **{k: v for k, v in fields.items() if v is not None}}
-    for key, group in (("preprocess", pre), ("tolerance", tol)):
-        if any(v is not None for v in group.values()):
-            data[key] = {**base.get(key, {}), **{k: v for k, v in group.items() if v is not None}}
-    try:
-        return Recipe(**data)
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]).replace("_", "-")
-        msg = first["msg"].removeprefix("Value error, ")
-        raise BadInput(f"--{where}: {msg}" if where else msg) from None
-
-
 def _labels_file(path: Path, num_classes: int) -> list[str]:
     """Class names from a text file (one per line) or a JSON list; exactly one per model output."""
     try:
@@ -98,8 +86,8 @@ def _emit(obj: Any, as_json: bool, text: str) -> None:
     typer.echo(json.dumps(obj, indent=2, default=str) if as_json else text)
 
 
-@app.command()
-def convert(
+@app.command("convert")
+def convert_command(
     ckpt: Ckpt,
     target: Annotated[
         str | None, typer.Option("--target", "-t", help="onnx (default), openvino, tensorrt, coreml, onnx-arm.")
@@ -149,10 +137,7 @@ def convert(
     as_json: Json = False,
 ) -> None:
     """Convert a checkpoint into a target artifact plus manifest.json, verified against PyTorch."""
-    from fnexport.convert import convert as run_convert
-    from fnexport.model.checkpoint import load_checkpoint
-
-    recipe = make_recipe(
+    recipe = build_recipe(
         dict(
             target=target, precision=precision, imgsz=imgsz, batch=batch, dynamic=dynamic or None,
             opset=opset, mean=_floats3(mean, "--mean"), std=_floats3(std, "--std"), crop_pct=crop_pct,
@@ -165,12 +150,12 @@ def convert(
     loaded = load_checkpoint(ckpt, act=act, unsafe_load=unsafe_load)
     if labels is not None:
         loaded = dataclasses.replace(loaded, labels=_labels_file(labels, loaded.config.num_classes))
-    out_dir, manifest = run_convert(loaded, recipe, out)
+    out_dir, manifest = convert(loaded, recipe, out)
     _emit(manifest | {"out": str(out_dir)}, as_json, str(out_dir / manifest["artifact"]))
 
 
-@app.command()
-def inspect(
+@app.command("inspect")
+def inspect_command(
     ckpt: Ckpt,
     imgsz: Annotated[int, typer.Option(help="Input size for the MAC count.")] = 224,
     graph: Annotated[
@@ -181,11 +166,8 @@ def inspect(
     as_json: Json = False,
 ) -> None:
     """Show what a checkpoint is: variant, shape, params, MACs, and what reparameterization removes."""
-    from fnexport.convert import inspect as run_inspect
-    from fnexport.model.checkpoint import load_checkpoint
-
-    make_recipe({"imgsz": imgsz})  # the same --imgsz checks as convert (multiple of 32, at least 32)
-    info = run_inspect(load_checkpoint(ckpt, act=act, unsafe_load=unsafe_load), imgsz, graph)
+    build_recipe({"imgsz": imgsz})  # the same --imgsz checks as convert (multiple of 32, at least 32)
+    info = inspect(load_checkpoint(ckpt, act=act, unsafe_load=unsafe_load), imgsz, graph)
     if as_json:
         _emit(info, True, "")
         return
@@ -203,17 +185,15 @@ def inspect(
     typer.echo("\n".join(lines))
 
 
-@app.command()
-def doctor(
+@app.command("doctor")
+def doctor_command(
     require: Annotated[
         str | None, typer.Option(help="Comma-separated backends that must be usable (exit 3 otherwise).")
     ] = None,
     as_json: Json = False,
 ) -> None:
     """List backends: installed or not, version, and why one cannot run here."""
-    from fnexport.convert import doctor as run_doctor
-
-    rows = run_doctor()
+    rows = doctor()
     needed = [n for n in (require or "").split(",") if n]
     unknown = [n for n in needed if n not in {r["backend"] for r in rows}]
     if unknown:
@@ -230,7 +210,7 @@ def doctor(
 
 
 @app.command("build-engine")
-def build_engine(
+def build_engine_command(
     folder: Annotated[Path, typer.Argument(help="A directory written by `fnexport convert --target tensorrt`.")],
     workspace: Annotated[float, typer.Option(help="Builder workspace limit, GiB.")] = 4.0,
     opt_level: Annotated[int, typer.Option(help="Builder optimization level 0-5 (TensorRT default 3).")] = 3,
@@ -249,8 +229,6 @@ def build_engine(
     as_json: Json = False,
 ) -> None:
     """Build the TensorRT engine of a prepared directory on this GPU, check its parity, update manifest.json."""
-    from fnexport.targets.tensorrt import EngineOptions, build_engine_dir
-
     sizes = None
     if profile is not None:
         try:
@@ -264,8 +242,8 @@ def build_engine(
     _emit(manifest, as_json, str(folder / manifest["artifact"]))
 
 
-@app.command()
-def demo(
+@app.command("demo")
+def demo_command(
     out: Annotated[
         Path, typer.Option("--out", "-o", help="Where the demo writes its checkpoint and artifacts.")
     ] = Path("fnexport-demo"),
@@ -273,14 +251,12 @@ def demo(
     as_json: Json = False,
 ) -> None:
     """Train a FasterNet-T0 on the digits bundled with scikit-learn, convert it to every installed target, check parity."""
-    from fnexport.demo import run_demo
-
     result = run_demo(out, steps)
     _emit(result, as_json, result["table"])
 
 
-@app.command()
-def bench(
+@app.command("bench")
+def bench_command(
     inputs: Annotated[
         list[str],
         typer.Argument(help="Checkpoints, variant names (random weights) or artifact directories from `convert`."),
@@ -291,31 +267,27 @@ def bench(
     iters: Annotated[int | None, typer.Option(help="Timed calls per configuration (instead of --seconds).")] = None,
     seconds: Annotated[float | None, typer.Option(help="Timed seconds per configuration (default 4).")] = None,
     imgsz: Annotated[int, typer.Option(help="Input size for checkpoints (artifacts keep their own).")] = 224,
-    plot: Annotated[
+    plot_path: Annotated[
         Path | None,
-        typer.Option(help="Write a latency vs accuracy (or MACs) chart; needs the bench extra (matplotlib)."),
+        typer.Option("--plot", help="Write a latency vs accuracy (or MACs) chart; needs the bench extra (matplotlib)."),
     ] = None,
     act: Act = None,
     unsafe_load: Unsafe = False,
     as_json: Json = False,
 ) -> None:
     """Latency, throughput, achieved GFLOPS and speedup vs PyTorch eager, interleaved in one run."""
-    from fnexport.bench import bench as run_bench
-    from fnexport.bench import markdown
-    from fnexport.bench import plot as draw
-
     try:
         batches = tuple(int(b) for b in batch.split(","))
     except ValueError:
         raise BadInput(f"--batch {batch!r}: give comma-separated integers, e.g. --batch 1,8,32") from None
-    result = run_bench(inputs, batches, threads, warmup, iters, seconds, imgsz, act, unsafe_load)
-    if plot:
-        draw(result, plot)
-    _emit(result, as_json, markdown(result))
+    result = bench(inputs, batches, threads, warmup, iters, seconds, imgsz, act, unsafe_load)
+    if plot_path:
+        plot(result, plot_path)
+    _emit(result, as_json, tabulate_speed(result))
 
 
-@app.command()
-def parity(
+@app.command("parity")
+def parity_command(
     ckpt: Ckpt,
     artifacts: Annotated[list[Path], typer.Argument(help="Artifact directories written by `fnexport convert`.")],
     data: Annotated[
@@ -338,35 +310,26 @@ def parity(
     as_json: Json = False,
 ) -> None:
     """Release gate: every artifact against the original PyTorch model on the same inputs; exit 1 on drift."""
-    from fnexport.console import console
-    from fnexport.errors import CheckFailed
-    from fnexport.model.checkpoint import load_checkpoint
-    from fnexport.parity import gate, markdown, passed
-    from fnexport.recipes import Tolerance
-
-    try:
-        override = Tolerance(atol=atol, min_cosine=min_cosine, min_top1=min_top1)
-    except ValidationError as err:
-        raise BadInput(f"parity thresholds: {err.errors()[0]['msg']}") from None
+    override = tolerance_from_flags(atol=atol, min_cosine=min_cosine, min_top1=min_top1)
     for path in report or []:
         if path.suffix not in (".json", ".md"):
             raise BadInput(f"--report {path}: use a .json or .md file name")
     loaded = load_checkpoint(ckpt, act=act, unsafe_load=unsafe_load)
     results = gate(loaded, artifacts, data, samples, override, localize, threads)
-    table = markdown(results, data or "embedded:natural")
+    table = tabulate_parity(results, data or DEFAULT_DATA)
     for path in report or []:
         text = json.dumps([r.to_dict() for r in results], indent=2) if path.suffix == ".json" else table
         path.write_text(text + ("\n" if path.suffix == ".json" else ""))
     console.print(table, markup=False, highlight=False)
     if as_json:
         _emit([r.to_dict() for r in results], True, "")
-    if not passed(results, allow_not_run):
+    if not all_passed(results, allow_not_run):
         bad = [f"{r.dir} ({r.status}: {r.reason})" for r in results if r.status != "PASS"]
         raise CheckFailed("parity gate failed: " + "; ".join(bad))
 
 
-@app.command()
-def calib(
+@app.command("calib")
+def calib_command(
     source: Annotated[
         str, typer.Argument(help="An ImageFolder tree to sample from, or embedded:natural / embedded:digits.")
     ],
@@ -376,9 +339,6 @@ def calib(
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
 ) -> None:
     """Build a calibration folder: a seeded, stratified sample of your images, or an embedded set."""
-    from fnexport.console import log
-    from fnexport.data import make_calibration, resolve
-
     if out.exists() and any(out.iterdir()):
         raise BadInput(f"{out}: exists and is not empty; choose a new --out folder")
     n = make_calibration(resolve(source), out, per_class, samples, seed)
@@ -386,24 +346,22 @@ def calib(
     typer.echo(str(out))
 
 
-@app.command()
-def recipes() -> None:
+@app.command("recipes")
+def recipes_command() -> None:
     """List the built-in recipes with their one-line descriptions."""
-    from fnexport.recipes import builtin_recipes, recipe_data
-
     for name, path in builtin_recipes().items():
         typer.echo(f"{name:40s} {recipe_data(path)[1].get('description', '')}")
 
 
-@app.command()
-def release(
+@app.command("release")
+def release_command(
     ckpt: Ckpt,
     recipe: Annotated[list[str], typer.Option(help="Recipe file or built-in name (repeatable).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Release directory.")],
     allow_not_run: Annotated[
         bool, typer.Option("--allow-not-run", help="Ship artifacts whose runtime is missing here (NOT RUN).")
     ] = False,
-    bench: Annotated[
+    timed: Annotated[
         bool, typer.Option("--bench", help="Then time the shipped artifacts with the recipes' bench settings.")
     ] = False,
     act: Act = None,
@@ -411,20 +369,12 @@ def release(
     as_json: Json = False,
 ) -> None:
     """Convert every recipe, gate each with parity, write the bundle and summary.json/.md; exit 1 if any gate fails."""
-    from fnexport.convert import release as run_release
-    from fnexport.errors import CheckFailed
-    from fnexport.model.checkpoint import load_checkpoint
-    from fnexport.recipes import recipe_data, validate
-
-    loaded_recipes = []
-    for spec in recipe:
-        path, data = recipe_data(spec)
-        loaded_recipes.append((path.stem, validate(data, str(path))))
+    loaded_recipes = [load_recipe(spec) for spec in recipe]
     names = [n for n, _ in loaded_recipes]
     if len(set(names)) != len(names):
         raise BadInput(f"--recipe: the same recipe name appears twice ({', '.join(names)})")
-    summary = run_release(
-        load_checkpoint(ckpt, act=act, unsafe_load=unsafe_load), loaded_recipes, out, allow_not_run, bench
+    summary = release(
+        load_checkpoint(ckpt, act=act, unsafe_load=unsafe_load), loaded_recipes, out, allow_not_run, timed
     )
     _emit(summary, as_json, str(out / "summary.md"))
     if not summary["passed"]:

@@ -5,20 +5,17 @@ from __future__ import annotations
 import importlib
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from types import ModuleType
-from typing import TypeVar
 
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import track as rich_track
 
 from fnexport.errors import BackendUnavailable
 
 console = Console(stderr=True)
 log = logging.getLogger("fnexport")
-T = TypeVar("T")
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -34,10 +31,6 @@ def step(what: str) -> Iterator[None]:
     with console.status(what):
         yield
     log.info("%s (%.1f s)", what, time.perf_counter() - start)
-
-
-def track(items: Iterable[T], what: str, total: int | None = None) -> Iterable[T]:
-    return rich_track(items, description=what, total=total, console=console, transient=True)
 
 
 def require(module: str, extra: str) -> ModuleType:

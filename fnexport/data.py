@@ -6,6 +6,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,10 @@ INTERPOLATIONS = {
 EMBEDDED = ("natural", "digits")
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_VERSION = "1"
+# Parity images when none are named: real photos, never pure noise (random tensors hide INT8 damage).
+DEFAULT_DATA = "embedded:natural"
+# Convert, the gate and `build-engine` draw the same seeded sample, so their figures compare.
+PARITY_SEED = 1
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,17 @@ class ImageSet:
     files: list[str]
     skipped: list[str]
     source: str
+
+
+def batches(x: np.ndarray, size: int, pad: bool = False) -> Iterator[tuple[np.ndarray, int]]:
+    """Consecutive chunks of `size` and how many of their items are real; with `pad`, the last chunk is
+    filled up by repeating its final item, for graphs with a fixed batch."""
+    for i in range(0, len(x), size):
+        part = x[i : i + size]
+        n = len(part)
+        if pad and n < size:
+            part = np.concatenate([part, np.repeat(part[-1:], size - n, axis=0)])
+        yield np.ascontiguousarray(part, np.float32), n
 
 
 def list_images(folder: Path) -> list[Path]:

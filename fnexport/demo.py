@@ -9,11 +9,15 @@ from pathlib import Path
 import torch
 from rich.progress import Progress, TextColumn
 
+import fnexport.manifest as mf
 from fnexport.console import console, log, step
+from fnexport.conversion import convert
 from fnexport.data import Preprocess, embedded, load_images
 from fnexport.errors import BackendUnavailable, CheckFailed
 from fnexport.model.checkpoint import load_checkpoint
 from fnexport.model.fasternet import VARIANTS, FasterNet
+from fnexport.recipes import build_recipe
+from fnexport.targets import TARGETS
 
 IMGSZ = 64
 # Digits are 8x8 grey glyphs: upsample the whole image (no crop), bilinear.
@@ -78,11 +82,6 @@ DEMO_JOBS = (
 
 def run_demo(out: Path, steps: int = 150) -> dict:
     """Train, save a checkpoint, convert to every installed target, and tabulate parity and accuracy."""
-    from fnexport import manifest as mf
-    from fnexport.cli import make_recipe
-    from fnexport.convert import convert
-    from fnexport.targets import TARGETS
-
     out.mkdir(parents=True, exist_ok=True)
     train_dir, test_dir = split_digits(out)
     ckpt_path = out / "fasternet_t0_digits.pth"
@@ -104,7 +103,7 @@ def run_demo(out: Path, steps: int = 150) -> dict:
         result: dict = {"target": target, "precision": precision, "dir": str(dest)}
         try:
             with step(f"Converting to {name}"):
-                convert(ckpt, make_recipe(fields), dest)
+                convert(ckpt, build_recipe(fields), dest)
         except BackendUnavailable as err:
             if not (dest / mf.MANIFEST).is_file():  # backend not installed: nothing was made
                 rows.append(f"{name:16s} skipped: {err}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -13,9 +14,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from fnexport import __version__
 from fnexport.errors import BadInput, CheckFailed, FnexportError
 from fnexport.model.checkpoint import sha256_file
+from fnexport.version import __version__
 
 MANIFEST = "manifest.json"
 SCHEMA = 1
@@ -35,8 +36,6 @@ def sha256_artifact(path: Path) -> str:
     """sha256 of a file, or of a directory's files (names and contents, sorted) for bundles."""
     if path.is_file():
         return sha256_file(path)
-    import hashlib
-
     digest = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         digest.update(str(f.relative_to(path)).encode() + b"\0" + sha256_file(f).encode())
@@ -44,8 +43,14 @@ def sha256_artifact(path: Path) -> str:
 
 
 def write(out_dir: Path, manifest: dict) -> Path:
+    """Write manifest.json whole or not at all (a temp file renamed over it), so a reader never sees half of one."""
     path = out_dir / MANIFEST
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    staged = out_dir / f".{MANIFEST}.tmp{os.getpid()}"
+    try:
+        staged.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+        os.replace(staged, path)
+    finally:
+        staged.unlink(missing_ok=True)
     return path
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import sysconfig
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -149,19 +149,59 @@ def recipe_data(spec: str | Path) -> tuple[Path, dict]:
     return path, data
 
 
-def validate(data: dict, where: str) -> Recipe:
+def load_recipe(spec: str | Path) -> tuple[str, Recipe]:
+    """A recipe file (or built-in name) validated: its name (the file's stem) and the Recipe."""
+    path, data = recipe_data(spec)
+    return path.stem, parse_recipe(data, str(path))
+
+
+def tolerance_from_flags(**flags: float | None) -> Tolerance:
+    """Parity thresholds given as flags (--atol, --min-cosine, --min-top1); None = the precision's default."""
+    try:
+        return Tolerance(**flags)
+    except ValidationError as err:
+        raise bad_input(err, flags=True) from None
+
+
+def parse_recipe(data: dict, where: str) -> Recipe:
     """A Recipe from a mapping; the first problem becomes one line naming `where`, the key and the fix."""
     try:
         return Recipe(**data)
     except ValidationError as err:
-        first = err.errors()[0]
-        key = ".".join(str(p) for p in first["loc"]) or "(recipe)"
-        fix = first["msg"].removeprefix("Value error, ")
-        if first["type"] == "extra_forbidden":
-            fix = _unknown(first["loc"])
-        elif first["type"] == "missing":
-            fix = "required; add it"
-        raise BadInput(f"{where}: {key}: {fix}") from None
+        raise bad_input(err, f"{where}: ") from None
+
+
+def build_recipe(flags: dict[str, Any], recipe: str | Path | None = None) -> Recipe:
+    """A validated Recipe: a recipe file (path or built-in name) if given, then flag values (None = not given)."""
+    base: dict[str, Any] = {"target": "onnx"}
+    if recipe is not None:
+        path, base = recipe_data(recipe)
+        parse_recipe(base, str(path))
+    flags = dict(flags)
+    pre = {k: flags.pop(k) for k in ("mean", "std", "crop_pct", "interpolation") if k in flags}
+    tol = {k: flags.pop(k) for k in ("atol", "min_cosine", "min_top1") if k in flags}
+    data = {**base, **{k: v for k, v in flags.items() if v is not None}}
+    for key, group in (("preprocess", pre), ("tolerance", tol)):
+        if any(v is not None for v in group.values()):
+            data[key] = {**base.get(key, {}), **{k: v for k, v in group.items() if v is not None}}
+    try:
+        return Recipe(**data)
+    except ValidationError as err:
+        raise bad_input(err, flags=True) from None
+
+
+def bad_input(err: ValidationError, where: str = "", flags: bool = False) -> BadInput:
+    """The first validation problem as one line: the recipe key (or, for `flags`, the flag) and the fix."""
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    fix = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        fix = _unknown(first["loc"])
+    elif first["type"] == "missing":
+        fix = "required; add it"
+    if flags:
+        return BadInput(f"{where}--{loc.replace('_', '-')}: {fix}" if loc else f"{where}{fix}")
+    return BadInput(f"{where}{loc or '(recipe)'}: {fix}")
 
 
 def _unknown(loc: tuple) -> str:

@@ -7,9 +7,9 @@ import pytest
 from typer.testing import CliRunner
 
 from fnexport import manifest as mf
-from fnexport.bench import bench, markdown, plot
+from fnexport.bench import bench, plot, tabulate_speed
 from fnexport.cli import app
-from fnexport.convert import convert
+from fnexport.conversion import convert
 from fnexport.errors import BadInput
 from fnexport.model.checkpoint import load_checkpoint
 from fnexport.model.fasternet import count
@@ -105,7 +105,7 @@ def test_unusable_rows_are_skipped_with_reason(result, artifacts):
 def test_plot_and_markdown(result):
     data, png = result
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    text = markdown(data)
+    text = tabulate_speed(data)
     assert text.count("\n| ") == len(measured(data["rows"])) + 1  # header + one line per measured row
     assert "Skipped tensorrt-fp32" in text
 

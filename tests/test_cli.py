@@ -151,12 +151,12 @@ def test_doctor_lists_backends_and_require_exit_3():
 
 
 def test_internal_error_exit_4(monkeypatch, layouts):
-    import fnexport.convert
+    import fnexport.cli
 
     def boom(*a, **k):
         raise ZeroDivisionError("bug")
 
-    monkeypatch.setattr(fnexport.convert, "inspect", boom)
+    monkeypatch.setattr(fnexport.cli, "inspect", boom)
     rc, _, stderr = cli("inspect", str(layouts["official"]))
     assert rc == 4 and "Traceback" in stderr and "please report" in stderr
 

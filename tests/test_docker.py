@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from fnexport.convert import BACKENDS
+from fnexport.doctor import backends
 
 dockerfile_parse = pytest.importorskip("dockerfile_parse")
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
@@ -160,8 +160,8 @@ def test_extras_exist_and_cover_what_doctor_requires(dockerfile):
     for cmd in doctors + [shlex.split(" ".join(json.loads(c))) for c in instructions(dockerfile, "CMD")]:
         if "--require" in cmd:
             for backend in cmd[cmd.index("--require") + 1].split(","):
-                assert BACKENDS[backend] in extras, (
-                    f"{dockerfile}: requires {backend} but installs no [{BACKENDS[backend]}]"
+                assert backends()[backend] in extras, (
+                    f"{dockerfile}: requires {backend} but installs no [{backends()[backend]}]"
                 )
 
 

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from fnexport import manifest as mf
-from fnexport.convert import convert
+from fnexport.conversion import convert
 from fnexport.data import Preprocess, embedded, load_images
 from fnexport.errors import BackendUnavailable
 from fnexport.model.checkpoint import load_checkpoint

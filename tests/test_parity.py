@@ -7,10 +7,11 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from fnexport.convert import convert
+from fnexport.comparison import compare
+from fnexport.conversion import convert
+from fnexport.gate import all_passed, gate
 from fnexport.manifest import sha256_artifact
 from fnexport.model.checkpoint import load_checkpoint
-from fnexport.parity import compare, gate, passed
 from fnexport.recipes import Recipe, Tolerance
 from tests.test_cli import cli
 
@@ -94,7 +95,7 @@ def test_not_run_fails_the_gate_unless_allowed(digits_ckpt, digits_artifacts, tm
     ckpt = load_checkpoint(digits_ckpt)
     results = gate(ckpt, [tmp_path / "gone"], samples=8)
     assert results[0].status == "NOT RUN" and "onnxruntime" in results[0].reason
-    assert not passed(results) and passed(results, allow_not_run=True)
+    assert not all_passed(results) and all_passed(results, allow_not_run=True)
 
 
 def test_missing_manifest_is_bad_input(digits_ckpt, tmp_path):

@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from fnexport.model.fasternet import VARIANTS, FasterNet
-from fnexport.recipes import builtin_recipes, recipe_data, validate
+from fnexport.recipes import builtin_recipes, parse_recipe, recipe_data
 from tests.conftest import randomize_bn
 from tests.test_cli import cli
 
@@ -19,7 +19,7 @@ def test_builtin_recipes_validate_and_are_listed():
     code, stdout, _ = cli("recipes")
     assert code == 0
     for name, path in RECIPES.items():
-        recipe = validate(recipe_data(path)[1], str(path))
+        recipe = parse_recipe(recipe_data(path)[1], str(path))
         assert recipe.description and recipe.variant in VARIANTS
         assert name.startswith(recipe.variant) and f"-{recipe.target}-{recipe.precision}" in name
         assert name in stdout
@@ -43,7 +43,7 @@ def test_builtin_recipes_outside_a_checkout(tmp_path, monkeypatch):
     monkeypatch.setattr(recipes, "INSTALLED_RECIPES", tmp_path)
     assert builtin_recipes() == {name: tmp_path / path.name for name, path in RECIPES.items()}
     path, data = recipe_data("fasternet_t0-onnx-fp32")
-    assert path.parent == tmp_path and validate(data, str(path)).target == "onnx"
+    assert path.parent == tmp_path and parse_recipe(data, str(path)).target == "onnx"
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def variant_ckpts(tmp_path_factory):
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_every_builtin_recipe_converts_and_passes_its_gate(name, digits_ckpt, digits_dirs, variant_ckpts, tmp_path):
-    recipe = validate(recipe_data(RECIPES[name])[1], name)
+    recipe = parse_recipe(recipe_data(RECIPES[name])[1], name)
     out = tmp_path / name
     args = ["convert", "--recipe", name, "-o", str(out)]
     if recipe.variant == "fasternet_t0":

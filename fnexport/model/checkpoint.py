@@ -7,7 +7,7 @@ import hashlib
 import pickle
 import re
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +78,6 @@ class Checkpoint:
     sha256: str | None
     layout: str
     labels: list[str] | None = None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -213,10 +212,6 @@ def _labels(obj: object) -> list[str] | None:
             if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
                 return list(value)
     return None
-
-
-def _is_state_dict(obj: object) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
 def _state_dict(obj: object, path: Path) -> tuple[dict[str, torch.Tensor], str]:

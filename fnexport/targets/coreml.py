@@ -2,34 +2,33 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
+import copy
 import json
-import logging
 import platform
 import warnings
-from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from types import ModuleType
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from fnexport import __version__
-from fnexport.console import log, require
-from fnexport.data import load_images
-from fnexport.errors import BackendUnavailable, BadInput, CheckFailed
-from fnexport.parity import compare, labels_for, reference, tolerance_for
-from fnexport.targets.onnx import metadata
+from fnexport.errors import BackendUnavailable, BadInput
+from fnexport.model.fasternet import FasterNet
+from fnexport.recipes import Recipe
+from fnexport.targets.base import Exported, Source
+from fnexport.targets.coreml_package import (
+    INPUT_IMAGE,
+    INPUT_TENSOR,
+    OUTPUT_NAME,
+    WEIGHT_THRESHOLD,
+    load_coremltools,
+    quiet,
+    validate_package,
+)
+from fnexport.targets.graph import onnx_metadata
+from fnexport.version import __version__
 
-if TYPE_CHECKING:
-    from types import ModuleType
-
-    from fnexport.model.fasternet import FasterNet
-    from fnexport.recipes import Recipe
-    from fnexport.targets import Exported, Source
-
-INPUT_IMAGE, INPUT_TENSOR, OUTPUT_NAME = "image", "input", "logits"
 # torch.jit.trace gives the same program (101 ops, same types and attributes, on the digits T0) but is
 # deprecated in torch 2.13; coremltools reads an ExportedProgram only after run_decompositions({}).
 CONVERSION = "torch.export.export + run_decompositions({})"
@@ -54,29 +53,6 @@ PRECISIONS: dict[str, dict[str, Any]] = {
     "palettize8": {"compute": "fp16", "os": "iOS16", "compress": ("palettize", {"mode": "kmeans", "nbits": 8})},
     "palettize4": {"compute": "fp16", "os": "iOS16", "compress": ("palettize", {"mode": "kmeans", "nbits": 4})},
 }
-# coremltools leaves tensors this small uncompressed (its default); the stem conv of T0 (1,920) is one.
-WEIGHT_THRESHOLD = 2048
-# Largest error allowed between a package weight and the model's, by how the package stores it, relative
-# to the tensor's largest |w|. FP16 rounds to 2^-11 and symmetric linear n-bit to half a step,
-# 1/(2(2^(n-1)-1)), plus FP16 rounding of scale and result: bounds on the max error. A k-means palette
-# has no max bound (an outlier can share a far centroid: 0.53 measured for 4 bits on the digits T0),
-# but its RMS error is at most a uniform 2^n-level grid's half step, 1/(2^n-1).
-WEIGHT_TOLERANCE = {
-    "fp32": ("max", 1e-7),
-    "fp16": ("max", 2**-11),
-    "int8": ("max", 1 / 254 + 2**-10),
-    "int4": ("max", 1 / 14 + 2**-10),
-    "lut8": ("rms", 1 / 255),
-    "lut4": ("rms", 1 / 15),
-}
-COMPRESSED_STORAGE = {"int8": "int8", "int4": "int4", "palettize8": "lut8", "palettize4": "lut4"}
-FORBIDDEN_OPS = ("batch_norm", "scatter", "scatter_nd", "scatter_along_axis", "slice_update")
-
-
-def coremltools() -> ModuleType:
-    """Import coremltools without its import-time log noise (no native runtime off macOS, untested torch)."""
-    logging.getLogger("coremltools").setLevel(logging.ERROR)
-    return require("coremltools", "coreml")
 
 
 class _Classifier(torch.nn.Module):
@@ -96,10 +72,11 @@ def input_kind(recipe: Recipe) -> str:
 
 
 def fold_std(model: FasterNet, std: tuple[float, float, float]) -> FasterNet:
-    """Divide the stem conv's input channels by std, so the model takes (pixel/255 - mean) unscaled."""
+    """A copy whose stem conv divides its input channels by std, so it takes (pixel/255 - mean) unscaled."""
     # Core ML images have one scale for all channels and a per-channel bias: scale 1/255 and bias
     # -mean give pixel/255 - mean, and conv(u / std) == conv with weights / std per input channel (the
     # stem has no padding, and zero padding would be unchanged by a pure scale anyway).
+    model = copy.deepcopy(model)
     with torch.no_grad():
         model.patch_embed.proj.weight.div_(torch.tensor(std, dtype=torch.float32)[None, :, None, None])
     return model
@@ -111,12 +88,10 @@ class CoremlTarget:
     # split_cat: it converts to one split + conv + concat per block; `slicing` gives slice_by_index
     # + scatter + 3 reshapes per block (T0: 40 reshapes, 13 scatters) for the same math.
     pconv_form: ClassVar[str] = "split_cat"
-    packages: ClassVar[tuple[str, ...]] = ("coremltools",)
+    packages: ClassVar[dict[str, str]] = {"coremltools": "coreml"}
 
     def export(self, src: Source, out_dir: Path, recipe: Recipe) -> Exported:
-        from fnexport.targets import Exported
-
-        ct = coremltools()
+        ct = load_coremltools()
         kind = input_kind(recipe)
         if recipe.dynamic or (recipe.batch != 1 and (kind == "image" or src.ckpt.labels)):
             raise BadInput(
@@ -132,7 +107,7 @@ class CoremlTarget:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.export's own deprecation notices, not the user's concern
             program = torch.export.export(module, (x,)).run_decompositions({})
-        mlmodel, compression = convert(ct, program, src, recipe, kind)
+        mlmodel, compression = to_mlprogram(ct, program, src, recipe, kind)
         details: dict[str, Any] = {
             "conversion": f"{CONVERSION} of the {self.pconv_form} model, then coremltools {ct.__version__}",
             "coremltools_tested_torch_up_to": _tested_torch(),
@@ -148,7 +123,7 @@ class CoremlTarget:
         describe(mlmodel, src, recipe, kind, details)
         path = out_dir / "model.mlpackage"
         mlmodel.save(str(path))
-        details["validation"] = validate(ct, path, module, src, recipe, kind)
+        details["validation"] = validate_package(ct, path, module, src, recipe, kind, self.pconv_form)
         return Exported(path, details)
 
     def runner(self, artifact: Path, manifest: dict, threads: int | None = None) -> CoremlRunner:
@@ -162,18 +137,7 @@ def _tested_torch() -> str:
     return getattr(_deps, "_TORCH_MAX_VERSION", "unknown")
 
 
-@contextlib.contextmanager
-def _quiet() -> Any:
-    """coremltools draws progress bars on stderr for every pass; keep them for --verbose only."""
-    buf = io.StringIO()
-    with contextlib.redirect_stderr(buf), contextlib.redirect_stdout(buf):
-        yield
-    lines = [ln.strip() for ln in buf.getvalue().replace("\r", "\n").splitlines()]
-    for line in dict.fromkeys(ln for ln in lines if ln and "/s]" not in ln):
-        log.debug("coremltools: %s", line)
-
-
-def convert(
+def to_mlprogram(
     ct: ModuleType, program: torch.export.ExportedProgram, src: Source, recipe: Recipe, kind: str
 ) -> tuple[Any, dict[str, Any] | None]:
     """Exported program -> MIL program -> (compressed) -> ML Program, with the classifier added last."""
@@ -196,7 +160,7 @@ def convert(
         "minimum_deployment_target": getattr(ct.target, recipe.deployment_target or spec["os"]),
         "compute_precision": ct.precision.FLOAT16 if spec["compute"] == "fp16" else ct.precision.FLOAT32,
     }
-    with _quiet():
+    with quiet():
         prog = ct.convert(program, inputs=[inp], outputs=outputs, convert_to="milinternal", **common)
         compression = compress(prog, recipe.precision) if spec["compress"] else None
         classifier = None
@@ -253,178 +217,10 @@ def describe(mlmodel: Any, src: Source, recipe: Recipe, kind: str, details: dict
         )
     mlmodel.output_description[OUTPUT_NAME] = "raw class scores (before softmax)"
     meta = mlmodel.user_defined_metadata
-    for key, value in metadata(src).items():
+    for key, value in onnx_metadata(src.ckpt, recipe).items():
         meta[key] = value
     meta["fnexport.recipe"] = json.dumps(recipe.model_dump(mode="json"), sort_keys=True)
     meta["fnexport.conversion"] = details["conversion"]
-
-
-def package_weights(ct: ModuleType, path: Path) -> tuple[Any, dict[str, tuple[str, Any]], Any]:
-    """The saved package's spec, its weights by op name (storage dtype, op), and its MIL program."""
-    from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
-    from coremltools.converters.mil.mil import types
-
-    saved = ct.models.MLModel(str(path), skip_model_load=True)
-    spec = saved.get_spec()
-    with _quiet():
-        prog = milproto_load(spec, spec.specificationVersion, file_weights_dir=saved.weights_dir)
-    ops = {}
-    for op in prog.functions["main"].operations:
-        if op.op_type == "const" and types.is_tensor(op.outputs[0].sym_type):
-            ops[op.name] = (types.builtin_to_string(op.outputs[0].dtype), op)
-        elif op.op_type == "constexpr_lut_to_dense":
-            # iOS16 packs the indices into bytes and keeps a flat LUT; iOS18's LUT is [..., entries, 1].
-            lut = op.lut.val
-            entries = lut.shape[0] if lut.ndim == 1 else lut.shape[-2]
-            ops[op.name] = (f"lut{int(entries).bit_length() - 1}", op)
-        elif op.op_type in ("constexpr_blockwise_shift_scale", "constexpr_affine_dequantize"):
-            data = op.data if op.op_type == "constexpr_blockwise_shift_scale" else op.quantized_data
-            ops[op.name] = (types.builtin_to_string(data.dtype), op)
-    return spec, ops, prog
-
-
-def _value(op: Any) -> np.ndarray:
-    value = op.materialized_val_inference() if op.op_type.startswith("constexpr") else op.outputs[0].val
-    return np.asarray(value, dtype=np.float32)
-
-
-def validate(
-    ct: ModuleType, path: Path, module: torch.nn.Module, src: Source, recipe: Recipe, kind: str
-) -> dict[str, Any]:
-    """Everything checkable without Core ML's runtime: I/O, ops, weight storage and values, weights-only parity."""
-    spec, ops, prog = package_weights(ct, path)
-    report: dict[str, Any] = {"io": check_io(spec, src, recipe, kind)}
-    histogram = Counter(op.op_type for op in prog.functions["main"].operations)
-    report["ops"] = dict(histogram.most_common())
-    bad = {op: histogram[op] for op in FORBIDDEN_OPS if histogram[op]}
-    if bad:
-        raise CheckFailed(f"Core ML program still holds {bad}; reparameterization or the PConv form leaked")
-    weights = check_weights(ops, module, recipe.precision)
-    report["weights"] = weights.pop("summary")
-    pre = None
-    if kind == "image":
-        pre = image_preprocessing(prog)
-        report["image_preprocessing"] = {"scale": pre[0], "bias": pre[1], "std_folded_into": "patch_embed.proj"}
-    report["weights_only_parity"] = weights_only_parity(weights, pre, src, recipe)
-    return report
-
-
-def check_io(spec: Any, src: Source, recipe: Recipe, kind: str) -> dict[str, Any]:
-    """The spec's inputs and outputs are what an app and the runner expect."""
-    desc = spec.description
-    inputs = {f.name: f.type.WhichOneof("Type") for f in desc.input}
-    outputs = {f.name: f.type.WhichOneof("Type") for f in desc.output}
-    expected_in = {INPUT_IMAGE: "imageType"} if kind == "image" else {INPUT_TENSOR: "multiArrayType"}
-    expected_out = {OUTPUT_NAME: "multiArrayType"}
-    if src.ckpt.labels:
-        expected_out |= {"classLabel": "stringType", "classLabel_probs": "dictionaryType"}
-    problems = []
-    if inputs != expected_in:
-        problems.append(f"inputs {inputs} != {expected_in}")
-    if outputs != expected_out:
-        problems.append(f"outputs {outputs} != {expected_out}")
-    feature = desc.input[0].type
-    if kind == "image":
-        img = feature.imageType
-        if (img.width, img.height) != (recipe.imgsz, recipe.imgsz) or img.colorSpace != img.RGB:
-            problems.append(f"image input {img.width}x{img.height} colour space {img.colorSpace}, not RGB")
-    elif list(feature.multiArrayType.shape) != [recipe.batch, src.ckpt.config.in_chans, recipe.imgsz, recipe.imgsz]:
-        problems.append(f"tensor input shape {list(feature.multiArrayType.shape)}")
-    logits = next(f for f in desc.output if f.name == OUTPUT_NAME).type.multiArrayType
-    if list(logits.shape) != [recipe.batch, src.ckpt.config.num_classes] or logits.dataType != logits.FLOAT32:
-        problems.append(f"logits shape {list(logits.shape)} dtype {logits.dataType}, not float32")
-    if src.ckpt.labels and desc.predictedFeatureName != "classLabel":
-        problems.append(f"predictedFeatureName {desc.predictedFeatureName!r}")
-    if problems:
-        raise CheckFailed("Core ML spec: " + "; ".join(problems))
-    return {"inputs": inputs, "outputs": outputs}
-
-
-def check_weights(ops: dict[str, tuple[str, Any]], module: torch.nn.Module, precision: str) -> dict[str, Any]:
-    """Every parameter of the exported model is in the package once, stored as `precision` says, with equal values."""
-    compressed = COMPRESSED_STORAGE.get(precision)
-    allowed = {precision} if compressed is None else {compressed, "fp16"}
-    values: dict[str, np.ndarray] = {}
-    storage: Counter[str] = Counter()
-    errors: dict[str, float] = {}
-    stored: dict[str, str] = {}
-    kept, problems = [], []
-    for name, param in module.state_dict().items():
-        base = "p_" + name.replace(".", "_")  # torch.export names parameters p_<path>
-        names = [base + s + c for s in ("", "_to_fp16") for c in ("", "_quantized", "_palettized")]
-        matches = [n for n in names if n in ops]
-        if len(matches) != 1:
-            problems.append(f"{name}: {len(matches)} matching weights in the package")
-            continue
-        dtype, op = ops[matches[0]]
-        want, got = param.detach().numpy(), _value(op)
-        if got.shape != want.shape:
-            problems.append(f"{name}: shape {got.shape} != {want.shape}")
-            continue
-        storage[dtype] += 1
-        stored[name] = dtype
-        if dtype not in allowed:
-            problems.append(f"{name}: stored as {dtype}, expected {' or '.join(sorted(allowed))}")
-        elif compressed and dtype == "fp16" and want.size > WEIGHT_THRESHOLD and not name.endswith("bias"):
-            kept.append(name)  # coremltools skips a tensor whose shape its grouping does not divide
-        kind, tol = WEIGHT_TOLERANCE[dtype]
-        diff = got.astype(np.float64) - want
-        err = np.abs(diff).max() if kind == "max" else np.sqrt(np.mean(diff**2))
-        errors[name] = float(err / (np.abs(want).max() + 1e-12))
-        if errors[name] > tol:
-            problems.append(f"{name} ({dtype}): {kind} error {errors[name]:.3g} of its largest |w| (> {tol:.3g})")
-        values[name] = got
-    if problems:
-        raise CheckFailed("Core ML package weights differ from the model: " + "; ".join(problems[:5]))
-    worst = {}
-    for dtype in storage:
-        name = max((n for n in errors if stored[n] == dtype), key=errors.__getitem__)
-        kind, tol = WEIGHT_TOLERANCE[dtype]
-        worst[dtype] = {"error": kind, "worst": errors[name], "tensor": name, "tolerance": tol}
-    summary = {"tensors": len(values), "storage": dict(storage), "left_uncompressed": kept, "relative_errors": worst}
-    return {"summary": summary, **values}
-
-
-def image_preprocessing(prog: Any) -> tuple[float, list[float]]:
-    """The scale and per-channel bias the program applies to the image input (its first mul and add)."""
-    op = prog.functions["main"].inputs[INPUT_IMAGE].child_ops[0]
-    found = {}
-    for op_type in ("mul", "add"):
-        if op.op_type != op_type or op.y.val is None:
-            raise CheckFailed(f"Core ML image input: expected a constant {op_type} next, found {op.op_type}")
-        found[op_type] = np.asarray(op.y.val, np.float64).ravel()
-        op = op.outputs[0].child_ops[0]
-    return float(found["mul"][0]), found["add"].tolist()
-
-
-def weights_only_parity(
-    weights: dict[str, np.ndarray], pre: tuple[float, list[float]] | None, src: Source, recipe: Recipe
-) -> dict[str, Any]:
-    """The original model vs PyTorch running the package's weights and image scale/bias: what conversion costs."""
-    from fnexport.targets import DEFAULT_DATA
-
-    data = load_images(recipe.parity_data or DEFAULT_DATA, recipe.pre(), recipe.parity_samples, seed=1)
-    model = src.module(CoremlTarget.pconv_form)
-    model.load_state_dict({k.removeprefix("model."): torch.from_numpy(v) for k, v in weights.items()})
-    x = data.x
-    if pre is not None:
-        mean, std = (
-            np.array(v, np.float32)[None, :, None, None] for v in (recipe.preprocess.mean, recipe.preprocess.std)
-        )
-        pixels = (x * std + mean) * 255
-        x = (pixels * pre[0] + np.array(pre[1], np.float32)[None, :, None, None]).astype(np.float32)
-    report = compare(
-        reference(src.ckpt.model, data.x),
-        reference(model, x),
-        tolerance_for(recipe.precision, recipe.tolerance),
-        labels_for(src.ckpt.labels, src.ckpt.config.num_classes, data),
-    )
-    if not report.passed:
-        raise CheckFailed(
-            f"coreml {recipe.precision}: PyTorch with the package's weights already fails parity: "
-            + "; ".join(report.failures)
-        )
-    return {"note": "PyTorch FP32 compute with the package's weights, not Core ML's runtime"} | report.to_dict()
 
 
 class CoremlRunner:
@@ -436,7 +232,7 @@ class CoremlRunner:
                 "Core ML prediction needs macOS; on Linux the package is converted and validated "
                 "(spec, ops, weights: see details.validation in manifest.json) but not run"
             )
-        ct = coremltools()
+        ct = load_coremltools()
         details = manifest.get("details", {})
         precision = manifest.get("precision", "fp16")
         # GPU and Neural Engine compute in FP16: FP32 parity has to mean the CPU.

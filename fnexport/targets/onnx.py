@@ -3,110 +3,19 @@
 from __future__ import annotations
 
 import contextlib
-import json
-import logging
 import os
 import sys
 import warnings
-from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
-from fnexport import __version__
 from fnexport.console import require
-from fnexport.errors import FnexportError
+from fnexport.data import batches
 from fnexport.recipes import Recipe
-
-if TYPE_CHECKING:
-    from fnexport.targets import Exported, Source
-
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
-# Ops that must never reach an fnexport graph: BN is folded, ScatterND is the `slicing` PConv.
-FORBIDDEN_OPS = ("BatchNormalization", "ScatterND")
-
-
-def export_onnx(src: Source, path: Path) -> Path:
-    """Export the reparameterized model to a single-file, simplified, checked ONNX with metadata."""
-    import onnx
-    import onnxslim
-
-    recipe = src.recipe
-    # split_cat, not slicing: slicing exports as ScatterND plus ~50 Shape/Range/Where nodes per
-    # block, none removed by onnxsim/onnxslim, and the dynamo exporter then pins batch to 1.
-    tmp = export_plain(
-        src.module("split_cat"), path.with_suffix(".raw.onnx"), recipe.imgsz, recipe.batch, recipe.dynamic, recipe.opset
-    )
-    graph = onnxslim.slim(onnx.load(str(tmp)))
-    tmp.unlink()
-    # onnxslim 0.1.98 lists every value_info twice, which breaks onnxconverter-common's op blocking.
-    unique = {v.name: v for v in graph.graph.value_info}
-    del graph.graph.value_info[:]
-    graph.graph.value_info.extend(unique.values())
-    ops = Counter(n.op_type for n in graph.graph.node)
-    bad = {op: ops[op] for op in FORBIDDEN_OPS if ops[op]}
-    if bad:
-        raise FnexportError(f"exported graph still holds {bad}; reparameterization missed a layer")
-    meta = metadata(src)
-    del graph.metadata_props[:]
-    for key, value in meta.items():
-        graph.metadata_props.add(key=key, value=value)
-    graph.producer_name, graph.producer_version = "fnexport", __version__
-    onnx.checker.check_model(graph, full_check=True)
-    onnx.save(graph, str(path))
-    return path
-
-
-def export_plain(model, path: Path, imgsz: int, batch: int = 1, dynamic: bool = True, opset: int = 20) -> Path:
-    """torch.onnx.export (dynamo) of `model` as it is, single file, stdout kept clean."""
-    import torch
-
-    x = torch.zeros(batch, 3, imgsz, imgsz)
-    kwargs: dict[str, Any] = {}
-    if dynamic:
-        kwargs["dynamic_shapes"] = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}}
-    # The exporter prints progress on stdout, which is reserved for machine output, and warns
-    # about torchvision ops this model never uses.
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model.eval(),
-            (x,),
-            str(path),
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            opset_version=opset,
-            dynamo=True,
-            external_data=False,
-            verbose=False,
-            **kwargs,
-        )
-    return path
-
-
-def metadata(src: Source) -> dict[str, str]:
-    """Model config and preprocessing as ONNX metadata props, so the file explains itself."""
-    p = src.recipe.preprocess
-    meta = {
-        "fnexport.model": json.dumps(src.ckpt.config.to_dict(), sort_keys=True),
-        "fnexport.preprocess": json.dumps(
-            {
-                "size": src.recipe.imgsz,
-                "mean": list(p.mean),
-                "std": list(p.std),
-                "crop_pct": p.crop_pct,
-                "interpolation": p.interpolation,
-                "layout": "NCHW RGB float32",
-            },
-            sort_keys=True,
-        ),
-    }
-    if src.ckpt.labels:
-        meta["fnexport.labels"] = json.dumps(src.ckpt.labels)
-    return meta
-
+from fnexport.targets.base import Exported, Source
+from fnexport.targets.graph import op_counts
 
 CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 
@@ -124,32 +33,10 @@ def quantize_int8(
     nodes_to_exclude: list[str] | None = None,
 ) -> dict[str, Any]:
     """Static INT8 post-training quantization in QDQ format with ONNX Runtime; returns manifest details."""
-    import onnx
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    graph = onnx.load(str(src_onnx))
-    inp = graph.graph.input[0]
-    dim0 = inp.type.tensor_type.shape.dim[0]
-    step_size = dim0.dim_value if dim0.HasField("dim_value") else 16
-
-    batches = _fixed_batches(calib_x, step_size)
-    n_batches = len(batches)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.chunks = iter(batches)
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            chunk = next(self.chunks, None)
-            return None if chunk is None else {inp.name: chunk}
-
+    reader, n_batches = calibration_reader(src_onnx, calib_x)
     options = {
         "ActivationSymmetric": symmetric_activations,
         "WeightSymmetric": weight_symmetric,
@@ -165,7 +52,7 @@ def quantize_int8(
         quantize_static(
             str(prepared),
             str(out),
-            Reader(),
+            reader,
             quant_format=QuantFormat.QDQ,
             per_channel=per_channel,
             activation_type=QuantType.QInt8,
@@ -189,15 +76,24 @@ def quantize_int8(
     }
 
 
-def _fixed_batches(x: np.ndarray, size: int) -> list[np.ndarray]:
-    """Chunks of exactly `size` (the last padded by repeating its final image) for static-batch graphs."""
-    chunks = []
-    for i in range(0, len(x), size):
-        part = x[i : i + size]
-        if len(part) < size:
-            part = np.concatenate([part, np.repeat(part[-1:], size - len(part), axis=0)])
-        chunks.append(np.ascontiguousarray(part, np.float32))
-    return chunks
+def calibration_reader(src_onnx: Path, calib_x: np.ndarray) -> tuple[Any, int]:
+    """An ORT calibration data reader over `calib_x` in the graph's batch size (16 when dynamic), and its length."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader
+
+    inp = onnx.load(str(src_onnx), load_external_data=False).graph.input[0]
+    dim0 = inp.type.tensor_type.shape.dim[0]
+    chunks = [part for part, _ in batches(calib_x, dim0.dim_value if dim0.HasField("dim_value") else 16, pad=True)]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.chunks = iter(chunks)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            chunk = next(self.chunks, None)
+            return None if chunk is None else {inp.name: chunk}
+
+    return Reader(), len(chunks)
 
 
 def convert_fp16(src_onnx: Path, out: Path, keep_fp32_ops: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -212,12 +108,6 @@ def convert_fp16(src_onnx: Path, out: Path, keep_fp32_ops: tuple[str, ...] = ())
         )
     onnx.save(graph, str(out))
     return {"converter": "onnxconverter_common.float16", "io": "float32", "fp32_ops": list(keep_fp32_ops)}
-
-
-def op_counts(path: Path) -> dict[str, int]:
-    import onnx
-
-    return dict(Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node).most_common())
 
 
 class OrtRunner:
@@ -252,11 +142,14 @@ class OnnxTarget:
     name: ClassVar[str] = "onnx"
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "int8")
     pconv_form: ClassVar[str] = "split_cat"
-    packages: ClassVar[tuple[str, ...]] = ("onnxruntime", "onnxslim", "onnxscript")
+    packages: ClassVar[dict[str, str]] = {
+        "onnxruntime": "core",
+        "onnxslim": "core",
+        "onnxscript": "core",
+        "onnxconverter-common": "core",
+    }
 
     def export(self, src: Source, out_dir: Path, recipe: Recipe) -> Exported:
-        from fnexport.targets import Exported
-
         path = out_dir / "model.onnx"
         details: dict[str, Any] = {"opset": recipe.opset, "pconv_form": self.pconv_form}
         if recipe.precision == "fp16":

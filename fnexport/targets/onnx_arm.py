@@ -6,14 +6,12 @@ import contextlib
 import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from fnexport.console import require
+from fnexport.recipes import Recipe
+from fnexport.targets.base import Exported, Source
 from fnexport.targets.onnx import OrtRunner, quantize_int8
-
-if TYPE_CHECKING:
-    from fnexport.recipes import Recipe
-    from fnexport.targets import Exported, Source
 
 CONFIG_NAME = "model.required_operators.config"
 
@@ -22,11 +20,9 @@ class OnnxArmTarget:
     name: ClassVar[str] = "onnx-arm"
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "int8")
     pconv_form: ClassVar[str] = "split_cat"  # from fnexport's ONNX, see targets/onnx.py
-    packages: ClassVar[tuple[str, ...]] = ("onnxruntime", "onnxslim")
+    packages: ClassVar[dict[str, str]] = {"onnxruntime": "core", "onnxslim": "core"}
 
     def export(self, src: Source, out_dir: Path, recipe: Recipe) -> Exported:
-        from fnexport.targets import Exported
-
         onnx_path = src.onnx()
         details: dict[str, Any] = {"source": "fnexport ONNX (split_cat, BatchNorm folded)", "opset": recipe.opset}
         if recipe.precision == "int8":

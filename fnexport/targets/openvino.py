@@ -6,21 +6,18 @@ import contextlib
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from types import ModuleType
+from typing import Any, ClassVar
 
 import numpy as np
 
+from fnexport.comparison import labels_for
 from fnexport.console import log, require
 from fnexport.data import ImageSet
 from fnexport.errors import BadInput
-from fnexport.parity import labels_for
 from fnexport.recipes import Recipe
-from fnexport.targets.onnx import metadata
-
-if TYPE_CHECKING:
-    from types import ModuleType
-
-    from fnexport.targets import Exported, Source
+from fnexport.targets.base import Exported, Source
+from fnexport.targets.graph import onnx_metadata
 
 IR_DIR, XML = "openvino_model", "model.xml"
 # Precision -> (weights stored in the IR, CPU inference precision the artifact needs). OpenVINO's
@@ -40,8 +37,6 @@ def cpu_capabilities(ov: ModuleType) -> list[str]:
 
 def export_ir(src: Source, out_dir: Path, recipe: Recipe) -> Exported:
     """Convert fnexport's ONNX to an IR directory (model.xml + model.bin) at the recipe's precision."""
-    from fnexport.targets import Exported
-
     ov = require("openvino", "openvino")
     weights, hint = PLANS[recipe.precision]
     if hint == "bf16" and "BF16" not in cpu_capabilities(ov):
@@ -54,7 +49,7 @@ def export_ir(src: Source, out_dir: Path, recipe: Recipe) -> Exported:
     # VariadicSplit/Concat; 166 vs 163 ops, the ONNX has 3 more Constants) and the same latency, and
     # the ONNX is the checked export with the input/output names and metadata every target shares.
     model = ov.convert_model(str(src.onnx()))
-    for key, value in metadata(src).items():
+    for key, value in onnx_metadata(src.ckpt, recipe).items():
         model.set_rt_info(value, ["fnexport", key.removeprefix("fnexport.")])
     details: dict[str, Any] = {
         "format": "OpenVINO IR",
@@ -117,8 +112,8 @@ def quantize(ov: ModuleType, model: Any, src: Source) -> tuple[Any, dict[str, An
                 "max_drop": recipe.max_drop,
                 "drop_type": "absolute, top-1 accuracy",
                 "validation": f"the {len(items)} labelled calibration images",
-                "accuracy_fp32": validate(ov, model, items),
-                "accuracy_int8": validate(ov, quantized, items),
+                "accuracy_fp32": top1_accuracy(ov, model, items),
+                "accuracy_int8": top1_accuracy(ov, quantized, items),
             }
     if batched:
         quantized.reshape({0: batched})
@@ -142,7 +137,7 @@ def top1(compiled: Any, items: Any) -> tuple[float, list[float]]:
     return float(np.mean(hits)), hits
 
 
-def validate(ov: ModuleType, model: Any, items: list[tuple[np.ndarray, int]]) -> float:
+def top1_accuracy(ov: ModuleType, model: Any, items: list[tuple[np.ndarray, int]]) -> float:
     compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     return top1(compiled, items)[0]
 
@@ -200,7 +195,7 @@ class OpenVinoTarget:
     # bf16 only where OpenVINO reports BF16 for this CPU; export refuses it elsewhere.
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "bf16", "int8")
     pconv_form: ClassVar[str] = "split_cat"  # the ONNX's form; `slicing` converts to 461 ops (13 ScatterNDUpdate)
-    packages: ClassVar[tuple[str, ...]] = ("openvino", "nncf")
+    packages: ClassVar[dict[str, str]] = {"openvino": "openvino", "nncf": "openvino"}
 
     def export(self, src: Source, out_dir: Path, recipe: Recipe) -> Exported:
         return export_ir(src, out_dir, recipe)

@@ -6,49 +6,36 @@ is decided in the ONNX here and the engine build is a plain parse-and-build on t
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
+import torch
 
-from fnexport import manifest as mf
+import fnexport.manifest as mf
+from fnexport.comparison import check, tolerance_for
 from fnexport.console import log, require, step
+from fnexport.data import batches, cache_dir
 from fnexport.errors import BackendUnavailable, BadInput, CheckFailed, FnexportError
-from fnexport.parity import compare, labels_for, reference, run, tolerance_for
 from fnexport.recipes import Recipe
+from fnexport.targets.base import Exported, Source
 from fnexport.targets.onnx import OrtRunner, convert_fp16, quantize_int8
-
-if TYPE_CHECKING:
-    import onnx
-
-    from fnexport.targets import Exported, Source
+from fnexport.targets.tensorrt_qdq import (
+    INT8_OPTIONS,
+    OPS_SOURCE,
+    WEIGHTED,
+    place_qdq,
+    residual_adds,
+    unsupported_ops,
+    verify_qdq,
+)
 
 PREPARED, ENGINE, REFERENCE = "model.onnx", "model.engine", "reference.npz"
-
-# Operators TensorRT's ONNX parser imports: every "Y" row of onnx-tensorrt docs/operators.md at commit
-# 7ecb49a (main, May 2024; the TensorRT 10.0 matrix, opsets 9-20). TensorRT 11 parses up to opset 25
-# (its ONNX opset guide); later parsers only add operators, so checking against this list is conservative.
-TENSORRT_ONNX_OPS = frozenset(
-    "Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization Cast CastLike Ceil "
-    "Celu Clip Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DepthToSpace DequantizeLinear Div "
-    "Dropout Einsum Elu Equal Erf Exp Expand EyeLike Flatten Floor Gather GatherElements GatherND Gelu Gemm "
-    "GlobalAveragePool GlobalLpPool GlobalMaxPool Greater GreaterOrEqual GridSample GroupNormalization GRU "
-    "HardSigmoid HardSwish Hardmax Identity If ImageScaler InstanceNormalization IsInf IsNaN LayerNormalization "
-    "LeakyRelu Less LessOrEqual Log LogSoftmax Loop LRN LSTM LpNormalization LpPool MatMul Max MaxPool Mean "
-    "MeanVarianceNormalization Min Mish Mod Mul Neg NonMaxSuppression NonZero Not OneHot Or Pad ParametricSoftplus "
-    "Pow PRelu QuantizeLinear RandomNormal RandomNormalLike RandomUniform RandomUniformLike Range Reciprocal "
-    "ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum "
-    "ReduceSumSquare Relu Reshape Resize ReverseSequence RNN RoiAlign Round ScaledTanh Scan Scatter ScatterElements "
-    "ScatterND Selu Shape Shrink Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt "
-    "Squeeze Sub Sum Tan Tanh ThresholdedRelu Tile TopK Transpose Trilu Unsqueeze Upsample Where Xor".split()
-)
-TENSORRT_OPSETS = (9, 20)
-OPS_SOURCE = "onnx/onnx-tensorrt docs/operators.md @7ecb49a (TensorRT 10.0 matrix)"
 
 # Measured on the digits-trained T0 (64 px, 300 held-out digits + 32 natural images), every activation
 # rounded to FP16 with FP32 math (at opset 18, where GELU was exported with Erf; opset 20 has one Gelu op):
@@ -56,15 +43,6 @@ OPS_SOURCE = "onnx/onnx-tensorrt docs/operators.md @7ecb49a (TensorRT 10.0 matri
 # 2.4e-4 keeping ReduceMean, 2.4e-4 keeping Gemm; largest activation 33 (FP16 max 65504). Nothing needs FP32.
 FP16_KEEP_FP32: tuple[str, ...] = ()
 FP16_MAX = 65504.0
-
-WEIGHTED = ("Conv", "Gemm")
-# Q/DQ on Conv/Gemm inputs and on residual Adds; outputs of weighted ops stay float so TensorRT fuses
-# conv + bias + act (+ residual add) and quantizes where the next weighted op needs it.
-INT8_OPTIONS = {
-    "QuantizeBias": False,  # TensorRT wants float biases; it folds them into the INT8 kernel itself
-    "DedicatedQDQPair": True,  # TensorRT cannot share one Q/DQ pair between consumers
-    "OpTypesToExcludeOutputQuantization": [*WEIGHTED, "Add"],
-}
 
 HARDWARE_COMPAT = {"none": "NONE", "ampere+": "AMPERE_PLUS", "same-cc": "SAME_COMPUTE_CAPABILITY"}
 DYNAMIC_PROFILE = (1, 16, 64)  # min/opt/max batch of a --dynamic engine; parity feeds chunks of 32
@@ -90,123 +68,6 @@ class EngineOptions:
             raise BadInput("--workspace must be > 0 GiB")
         if self.profile is not None and not (1 <= self.profile[0] <= self.profile[1] <= self.profile[2]):
             raise BadInput(f"--profile {self.profile}: need 1 <= min <= opt <= max")
-
-
-def unsupported_ops(model: onnx.ModelProto) -> list[str]:
-    """What TensorRT's ONNX parser would reject, found without TensorRT: unknown ops and opsets."""
-    standard = ("", "ai.onnx")
-    ops = Counter(n.op_type if n.domain in standard else f"{n.domain}.{n.op_type}" for n in model.graph.node)
-    problems = [f"op {op} ({n}x)" for op, n in sorted(ops.items()) if op not in TENSORRT_ONNX_OPS]
-    low, high = TENSORRT_OPSETS
-    for imp in model.opset_import:  # other domains may be imported unused (ORT's optimizer adds them)
-        if imp.domain in standard and not low <= imp.version <= high:
-            problems.append(f"opset {imp.version} (parser range {low}-{high})")
-    return problems
-
-
-def residual_adds(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    """Adds of two computed tensors (the block shortcuts); Adds with a constant belong to GELU."""
-    consts = {i.name for i in model.graph.initializer} | {
-        o for n in model.graph.node if n.op_type == "Constant" for o in n.output
-    }
-    return [n for n in model.graph.node if n.op_type == "Add" and not consts.intersection(n.input)]
-
-
-def place_qdq(model: onnx.ModelProto) -> int:
-    """Keep Q/DQ only where TensorRT wants it; returns how many inputs were given back their float tensor.
-
-    ORT quantizes every input of a quantized Add, including one a Conv produced, and a tensor with a
-    single quantized consumer shares its pair with all consumers (the PConv Split beside the shortcut).
-    """
-    graph = model.graph
-    producer = {o: n for n in graph.node for o in n.output}
-    residual = {n.name for n in residual_adds(model)}
-    restored = 0
-    for node in graph.node:
-        for k, name in enumerate(node.input):
-            dq = producer.get(name)
-            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-            if q is None or q.op_type != "QuantizeLinear":
-                continue  # not a fake-quantized activation (weights are DequantizeLinear of an initializer)
-            from_weighted = getattr(producer.get(q.input[0]), "op_type", None) in WEIGHTED
-            if not ((node.op_type in WEIGHTED and k == 0) or (node.name in residual and not from_weighted)):
-                node.input[k] = q.input[0]
-                restored += 1
-    _drop_dead_nodes(graph)
-    return restored
-
-
-def _drop_dead_nodes(graph: onnx.GraphProto) -> None:
-    outputs = {o.name for o in graph.output}
-    while True:
-        used = outputs | {i for n in graph.node for i in n.input}
-        live = [n for n in graph.node if any(o in used for o in n.output)]
-        if len(live) == len(graph.node):
-            break
-        del graph.node[:]
-        graph.node.extend(live)
-    used = {i for n in graph.node for i in n.input}
-    keep = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-
-
-def verify_qdq(model: onnx.ModelProto) -> list[str]:
-    """Every way the graph breaks TensorRT's Q/DQ placement rules (empty when it follows them)."""
-    from onnx import numpy_helper
-
-    graph = model.graph
-    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers = defaultdict(list)
-    for n in graph.node:
-        for i in n.input:
-            consumers[i].append(n)
-    attr = lambda n, key, default: next((a.i for a in n.attribute if a.name == key), default)  # noqa: E731
-    problems: list[str] = []
-
-    def quantized(tensor: str) -> onnx.NodeProto | None:
-        dq = producer.get(tensor)
-        return dq if dq is not None and dq.op_type == "DequantizeLinear" else None
-
-    for n in graph.node:
-        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            zp = inits.get(n.input[2]) if len(n.input) > 2 else None
-            if zp is not None and (zp.dtype != np.int8 or np.any(zp != 0)):
-                problems.append(f"{n.name}: zero point must be int8 0 (symmetric), got {zp.dtype} {zp.ravel()[:4]}")
-        if n.op_type == "QuantizeLinear":
-            src = producer.get(n.input[0])
-            dq_users = [c for dq in consumers[n.output[0]] for c in consumers[dq.output[0]]]
-            if getattr(src, "op_type", None) in WEIGHTED and any(c.op_type not in WEIGHTED for c in dq_users):
-                problems.append(f"{n.name}: quantizes the output of {src.op_type} {src.name} for a non-weighted op")
-            if inits.get(n.input[1], np.zeros(1)).size != 1:
-                problems.append(f"{n.name}: activation scale must be per-tensor")
-        if n.op_type in WEIGHTED:
-            if quantized(n.input[0]) is None:
-                problems.append(f"{n.name}: {n.op_type} input is not quantized")
-            wdq = quantized(n.input[1])
-            out_axis = 0 if n.op_type == "Conv" or attr(n, "transB", 0) else 1
-            if wdq is None or wdq.input[0] not in inits:
-                problems.append(f"{n.name}: {n.op_type} weight is not an INT8 initializer behind a DequantizeLinear")
-            else:
-                w, scale = inits[wdq.input[0]], inits.get(wdq.input[1], np.zeros(0))
-                if scale.size != w.shape[out_axis] or attr(wdq, "axis", 1) != out_axis:
-                    problems.append(f"{n.name}: weight scale must be per output channel (axis {out_axis})")
-            if len(n.input) > 2 and n.input[2] and (n.input[2] not in inits or inits[n.input[2]].dtype != np.float32):
-                problems.append(f"{n.name}: bias must stay a float32 initializer")
-    residual = residual_adds(model)
-    for n in residual:
-        for t in n.input:
-            src = producer.get(t)
-            if quantized(t) is None and getattr(src, "op_type", None) not in WEIGHTED:
-                problems.append(f"{n.name}: residual input {t} is not quantized")
-    allowed = {id(n) for n in residual} | {id(n) for n in graph.node if n.op_type in WEIGHTED}
-    for n in graph.node:
-        if n.op_type == "DequantizeLinear" and any(id(c) not in allowed for c in consumers[n.output[0]]):
-            problems.append(
-                f"{n.name}: feeds {[c.op_type for c in consumers[n.output[0]]]}, not Conv/Gemm/residual Add"
-            )
-    return problems
 
 
 def prepare(src: Source, recipe: Recipe, out: Path) -> dict[str, Any]:
@@ -277,28 +138,17 @@ def activation_absmax(path: Path, x: np.ndarray) -> float:
     inp = session.get_inputs()[0]
     size = inp.shape[0] if isinstance(inp.shape[0], int) else 16
     peak = 0.0
-    for i in range(0, len(x), size):
-        part = x[i : i + size]
-        part = np.concatenate([part, np.repeat(part[-1:], size - len(part), axis=0)]) if len(part) < size else part
+    for part, _ in batches(x, size, pad=True):
         peak = max(peak, *(float(np.abs(t).max()) for t in session.run(None, {inp.name: part})))
     return peak
 
 
 def check_prepared(src: Source, recipe: Recipe, prepared: Path, out_dir: Path) -> dict[str, Any]:
     """Run the prepared ONNX on ONNX Runtime CPU against PyTorch; keep the reference for the GPU host."""
-    from fnexport.convert import parity_inputs
-
-    data = parity_inputs(src.ckpt, recipe)
-    ref = reference(src.ckpt.model, data.x)
-    labels = labels_for(src.ckpt.labels, src.ckpt.config.num_classes, data)
+    data, ref, labels = src.parity_inputs(), src.reference(), src.labels()
     extra = {} if labels is None else {"labels": labels}
     np.savez(out_dir / REFERENCE, logits=ref, input_sha256=np.array(input_digest(data.x)), **extra)
-    runner = OrtRunner(prepared)
-    try:
-        report = compare(ref, run(runner, data.x), tolerance_for(recipe.precision, recipe.tolerance), labels)
-    finally:
-        runner.close()
-    report.ran = dict(runner.info)
+    report = check(OrtRunner(prepared), data.x, ref, tolerance_for(recipe.precision, recipe.tolerance), labels)
     if recipe.precision == "fp16":
         # ORT's CPU provider has no FP16 Conv on x86: it casts the graph back to FP32 and drops the
         # casts between ops, so this run checks FP16 weights only. Overflow is checked separately.
@@ -316,8 +166,6 @@ def check_prepared(src: Source, recipe: Recipe, prepared: Path, out_dir: Path) -
 
 
 def input_digest(x: np.ndarray) -> str:
-    import hashlib
-
     return hashlib.sha256(np.ascontiguousarray(x, np.float32).tobytes()).hexdigest()
 
 
@@ -325,15 +173,14 @@ def engine_unavailable() -> str | None:
     """Why no engine can be built here, or None."""
     try:
         trt = require("tensorrt", "tensorrt")
-        gpu_facts()
+        query_gpu()
     except BackendUnavailable as err:
         return str(err)
     return None if hasattr(trt, "Builder") else "the installed tensorrt package has no Builder (bindings only)"
 
 
-def gpu_facts() -> dict[str, str]:
-    import torch
-
+def query_gpu() -> dict[str, str]:
+    """The visible CUDA GPU's name and compute capability, or BackendUnavailable."""
     if not torch.cuda.is_available():
         why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU visible"
         raise BackendUnavailable(f"{why}: TensorRT engines are built and run on an NVIDIA GPU")
@@ -352,10 +199,8 @@ def build_engine(
     onnx_path: Path, engine_path: Path, shape: list, precision: str, opts: EngineOptions
 ) -> dict[str, Any]:
     """Parse the prepared ONNX into a strongly typed network and build a serialized engine."""
-    from fnexport.data import cache_dir
-
     trt = require("tensorrt", "tensorrt")
-    here = gpu_facts()
+    here = query_gpu()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     # TensorRT 10 needs the flag for the ONNX's FP16/Q-DQ types to be obeyed; in 11 it is the only mode.
@@ -433,10 +278,8 @@ class TensorRtRunner:
     """A TensorRT engine on the GPU, fed and read through torch CUDA tensors."""
 
     def __init__(self, engine_path: Path, manifest: dict) -> None:
-        import torch
-
         trt = require("tensorrt", "tensorrt")
-        here = gpu_facts()
+        here = query_gpu()
         built = manifest["details"]["engine"]
         problems = engine_mismatch(built, here, trt.__version__)
         if problems:
@@ -445,7 +288,6 @@ class TensorRtRunner:
             )
         if here["gpu"] != built["gpu"]:
             log.warning("Engine was tuned on %s; running on %s (same compute capability)", built["gpu"], here["gpu"])
-        self.torch = torch
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         if built["version_compatible"]:
             self.runtime.engine_host_code_allowed = True  # version-compatible plans embed the lean runtime
@@ -464,7 +306,6 @@ class TensorRtRunner:
         self.info = {"runtime": f"tensorrt {trt.__version__}", **here}
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        torch = self.torch
         # A stream of our own: TensorRT synchronizes extra when enqueued on the legacy default stream.
         with torch.cuda.stream(self.stream):
             inp = torch.from_numpy(np.ascontiguousarray(x, np.float32)).cuda()
@@ -505,11 +346,9 @@ class TensorRtTarget:
     name: ClassVar[str] = "tensorrt"
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "int8")
     pconv_form: ClassVar[str] = "split_cat"  # `slicing` exports ScatterND + Shape chains that block fusion and Q/DQ
-    packages: ClassVar[tuple[str, ...]] = ("onnxruntime", "onnxconverter-common", "tensorrt")
+    packages: ClassVar[dict[str, str]] = {"onnxruntime": "core", "onnxconverter-common": "core", "tensorrt": "tensorrt"}
 
     def export(self, src: Source, out_dir: Path, recipe: Recipe) -> Exported:
-        from fnexport.targets import Exported
-
         prepared = out_dir / PREPARED
         with step(f"Preparing the TensorRT {recipe.precision} ONNX"):
             details = prepare(src, recipe, prepared)
@@ -531,56 +370,3 @@ class TensorRtTarget:
                 "time, see details.prepared_check): run `fnexport build-engine DIR` on the GPU host"
             )
         return TensorRtRunner(artifact, manifest)
-
-
-def build_engine_dir(folder: Path, opts: EngineOptions) -> dict:
-    """Build model.engine in a prepared directory, check it against the stored reference, update the manifest."""
-    from fnexport.data import load_images
-    from fnexport.targets import DEFAULT_DATA
-
-    manifest = mf.read(folder)
-    if manifest.get("target") != "tensorrt":
-        raise BadInput(f"{folder}: made for --target {manifest.get('target')}, not tensorrt")
-    details = manifest["details"]
-    prepared = folder / PREPARED
-    if not prepared.is_file() or mf.sha256_artifact(prepared) != details["prepared"]["sha256"]:
-        raise CheckFailed(f"{prepared}: missing or changed since convert wrote it; re-run fnexport convert")
-    tmp = folder / f".{ENGINE}.tmp{os.getpid()}"
-    try:
-        info = build_engine(prepared, tmp, manifest["input"]["shape"], manifest["precision"], opts)
-        updated = manifest | {
-            "artifact": ENGINE,
-            "sha256": mf.sha256_artifact(tmp),
-            "details": details | {"engine": info},
-        }
-        recipe = Recipe(**manifest["recipe"])
-        data = load_images(recipe.parity_data or DEFAULT_DATA, recipe.pre(), recipe.parity_samples, seed=1)
-        stored = np.load(folder / REFERENCE)
-        if input_digest(data.x) != str(stored["input_sha256"]):
-            raise BadInput(f"{data.source}: the parity images differ from the ones convert used; cannot compare here")
-        runner = TensorRtRunner(tmp, updated)
-        try:
-            with step(f"Checking engine parity on {len(data.x)} images"):
-                report = compare(
-                    stored["logits"],
-                    run(runner, data.x),
-                    tolerance_for(recipe.precision, recipe.tolerance),
-                    stored["labels"] if "labels" in stored else None,
-                )
-            report.ran = dict(runner.info)
-        finally:
-            runner.close()
-        log.info("Parity tensorrt %s engine vs PyTorch: %s", recipe.precision, report.summary())
-        if not report.passed:
-            raise CheckFailed(
-                f"tensorrt {recipe.precision} engine parity failed: {'; '.join(report.failures)} (engine not kept)"
-            )
-        updated["parity"] = manifest["parity"] | {"data": data.source} | report.to_dict()
-        updated["parity"].pop("reason", None)
-        os.replace(tmp, folder / ENGINE)
-    finally:
-        tmp.unlink(missing_ok=True)
-    staged = folder / f".{mf.MANIFEST}.tmp{os.getpid()}"
-    staged.write_text(json.dumps(updated, indent=2) + "\n")
-    os.replace(staged, folder / mf.MANIFEST)
-    return updated

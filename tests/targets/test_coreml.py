@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from fnexport.convert import convert
+from fnexport.conversion import convert
 from fnexport.data import IMAGENET_STD
 from fnexport.demo import DIGITS_PRE, LABELS
 from fnexport.errors import BackendUnavailable, BadInput, CheckFailed
 from fnexport.model.checkpoint import load_checkpoint
 from fnexport.model.reparam import reparameterize
 from fnexport.recipes import Recipe
-from fnexport.targets.coreml import PRECISIONS, CoremlTarget, check_weights, coremltools, fold_std, package_weights
+from fnexport.targets.coreml import PRECISIONS, CoremlTarget, fold_std
+from fnexport.targets.coreml_package import check_weights, load_coremltools, package_weights
 from tests.test_cli import cli
 
 pytest.importorskip("coremltools")
@@ -102,7 +103,7 @@ def test_weight_storage_per_precision(packages):
 
 
 def test_weight_check_catches_a_changed_weight(packages, custom_ckpt):
-    ct = coremltools()
+    ct = load_coremltools()
     _, ops, _ = package_weights(ct, packages["int8"][0] / "model.mlpackage")
     model = fold_std(reparameterize(load_checkpoint(custom_ckpt, act="relu").model), IMAGENET_STD)
     check_weights(ops, model, "int8")
@@ -118,7 +119,7 @@ def test_classifier_labels_and_metadata(digits_ckpt, digits_dirs, tmp_path):
         target="coreml", precision="fp16", imgsz=64, preprocess=pre, parity_data=str(digits_dirs[1]), parity_samples=200
     )
     out, manifest = convert(load_checkpoint(digits_ckpt), r, tmp_path / "digits")
-    ct = coremltools()
+    ct = load_coremltools()
     spec = ct.models.MLModel(str(out / "model.mlpackage"), skip_model_load=True).get_spec()
     desc = spec.description
     assert desc.predictedFeatureName == "classLabel" and desc.predictedProbabilitiesName == "classLabel_probs"

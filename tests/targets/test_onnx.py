@@ -4,11 +4,12 @@ import numpy as np
 import onnx
 import pytest
 
-from fnexport.convert import convert
+from fnexport.conversion import convert
 from fnexport.errors import CheckFailed
 from fnexport.model.checkpoint import load_checkpoint
 from fnexport.recipes import Recipe, Tolerance
-from fnexport.targets.onnx import OrtRunner, op_counts
+from fnexport.targets.graph import op_counts
+from fnexport.targets.onnx import OrtRunner
 
 
 def _recipe(**kw):

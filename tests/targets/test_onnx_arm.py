@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fnexport.convert import convert
+from fnexport.comparison import reference
+from fnexport.conversion import convert
 from fnexport.data import load_images
 from fnexport.demo import DIGITS_PRE
 from fnexport.model.checkpoint import load_checkpoint
-from fnexport.parity import reference
 from fnexport.recipes import Recipe
 from fnexport.targets.onnx import OrtRunner
 
@@ -80,11 +80,11 @@ def test_int8_ort_keeps_top1(exported):
 
 
 def test_image_input_is_refused():
-    from fnexport.cli import make_recipe
     from fnexport.errors import BadInput
+    from fnexport.recipes import build_recipe
 
     with pytest.raises(BadInput, match="image"):
-        make_recipe({"target": "onnx-arm", "input": "image"})
+        build_recipe({"target": "onnx-arm", "input": "image"})
 
 
 def _qemu_python() -> list[str]:

@@ -5,13 +5,14 @@ import pytest
 from pydantic import ValidationError
 
 from fnexport import manifest as mf
-from fnexport.convert import convert
+from fnexport.comparison import reference
+from fnexport.conversion import convert
 from fnexport.data import load_images
 from fnexport.errors import BadInput, CheckFailed
 from fnexport.model.checkpoint import load_checkpoint
-from fnexport.parity import reference
 from fnexport.recipes import Recipe
-from fnexport.targets import Source, get_target
+from fnexport.targets import get_target
+from fnexport.targets.base import Source
 
 ov = pytest.importorskip("openvino")
 

@@ -8,24 +8,17 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from fnexport.convert import convert
+from fnexport.comparison import compare, reference, run, tolerance_for
+from fnexport.conversion import convert
 from fnexport.data import load_images
 from fnexport.demo import DIGITS_PRE
+from fnexport.engine import build_engine_dir
 from fnexport.errors import BackendUnavailable, BadInput
 from fnexport.model.checkpoint import load_checkpoint
-from fnexport.parity import compare, reference, run, tolerance_for
 from fnexport.recipes import Recipe
 from fnexport.targets.onnx import OrtRunner
-from fnexport.targets.tensorrt import (
-    ENGINE,
-    EngineOptions,
-    TensorRtTarget,
-    build_engine_dir,
-    engine_mismatch,
-    residual_adds,
-    unsupported_ops,
-    verify_qdq,
-)
+from fnexport.targets.tensorrt import ENGINE, EngineOptions, TensorRtTarget, engine_mismatch
+from fnexport.targets.tensorrt_qdq import residual_adds, unsupported_ops, verify_qdq
 from tests.test_cli import cli
 
 

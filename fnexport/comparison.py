@@ -1,4 +1,4 @@
-"""Does an artifact compute what the PyTorch model computes? Numbers, thresholds and the verdict."""
+"""Does an artifact compute what the PyTorch model computes? Numbers, thresholds and the verdict of one run."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from fnexport.data import batches
+from fnexport.model.reparam import reparameterize
 from fnexport.recipes import Tolerance
 
 # FP32 is judged by absolute logit error; reduced precisions by direction and agreement, since
@@ -22,11 +24,13 @@ DEFAULTS: dict[str, Tolerance] = {
 }
 
 
-def tolerance_for(precision: str, override: Tolerance | None = None) -> Tolerance:
-    base = DEFAULTS[precision]
-    if override is None:
-        return base
-    return base.model_copy(update={k: v for k, v in override.model_dump().items() if v is not None})
+def tolerance_for(precision: str, *overrides: Tolerance | None) -> Tolerance:
+    """The precision's default thresholds, then each override's set fields in order (recipe, then flags)."""
+    tol = DEFAULTS[precision]
+    for override in overrides:
+        if override is not None:
+            tol = tol.model_copy(update=override.model_dump(exclude_none=True))
+    return tol
 
 
 @dataclass
@@ -68,20 +72,24 @@ class ParityReport:
 def reference(model: torch.nn.Module, x: np.ndarray, chunk: int = 32) -> np.ndarray:
     """Logits of the original, un-reparameterized model."""
     model.eval()
-    return np.concatenate([model(torch.from_numpy(x[i : i + chunk])).numpy() for i in range(0, len(x), chunk)])
+    return np.concatenate([model(torch.from_numpy(part)).numpy() for part, _ in batches(x, chunk)])
 
 
 def run(runner, x: np.ndarray, chunk: int = 32) -> np.ndarray:
     """Feed `x` through a runner in chunks of its fixed batch (padding the last) or `chunk`."""
     size = runner.batch or chunk
-    outs = []
-    for i in range(0, len(x), size):
-        part = x[i : i + size]
-        n = len(part)
-        if runner.batch and n < size:
-            part = np.concatenate([part, np.repeat(part[-1:], size - n, axis=0)])
-        outs.append(np.asarray(runner(part), dtype=np.float32)[:n])
+    outs = [np.asarray(runner(part), dtype=np.float32)[:n] for part, n in batches(x, size, pad=bool(runner.batch))]
     return np.concatenate(outs)
+
+
+def check(runner, x: np.ndarray, ref: np.ndarray, tol: Tolerance, labels: np.ndarray | None = None) -> ParityReport:
+    """Run `x` through `runner` and judge it against `ref`, recording what ran; the runner is closed either way."""
+    try:
+        report = compare(ref, run(runner, x), tol, labels)
+        report.ran = dict(runner.info)
+    finally:
+        runner.close()
+    return report
 
 
 def compare(ref: np.ndarray, out: np.ndarray, tol: Tolerance, labels: np.ndarray | None = None) -> ParityReport:
@@ -146,8 +154,6 @@ def localize(model: torch.nn.Module, onnx_path, x: np.ndarray, precision: str) -
     import onnx
     import onnxruntime as ort
 
-    from fnexport.model.reparam import reparameterize
-
     graph = onnx.shape_inference.infer_shapes(onnx.load(str(onnx_path)))
     g = graph.graph
     inits = {i.name for i in g.initializer}
@@ -199,132 +205,3 @@ def localize(model: torch.nn.Module, onnx_path, x: np.ndarray, precision: str) -
         per_layer.append({"module": name, "onnx_node": node, "onnx_tensor": tensor, "rel_error": rel})
     first = next((row for row in per_layer if row["rel_error"] > limit), None)
     return {"first_divergent": first, "threshold_rel": limit, "layers": per_layer}
-
-
-@dataclass
-class ArtifactResult:
-    """One artifact's verdict in a gate run: PASS, FAIL or NOT RUN (with the reason)."""
-
-    dir: str
-    target: str
-    precision: str
-    status: str
-    report: ParityReport | None = None
-    reason: str = ""
-    localized: dict | None = None
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["report"] = self.report.to_dict() if self.report else None
-        return d
-
-
-def gate(
-    ckpt,
-    dirs: list,
-    data: str | None = None,
-    samples: int = 200,
-    override: Tolerance | None = None,
-    localize_failures: bool = False,
-    threads: int | None = None,
-) -> list[ArtifactResult]:
-    """Verify every artifact's hash first, then run each against the original model on the same inputs."""
-    from pathlib import Path
-
-    from fnexport import manifest as mf
-    from fnexport.console import log, step
-    from fnexport.data import Preprocess, load_images
-    from fnexport.errors import BackendUnavailable, CheckFailed
-    from fnexport.targets import DEFAULT_DATA, get_target
-
-    manifests, bad = [], []
-    for d in map(Path, dirs):
-        try:
-            manifests.append((d, mf.read(d, verify=True)))
-        except CheckFailed as err:
-            bad.append(str(err))
-    if bad:
-        raise CheckFailed("integrity check failed, nothing was run: " + "; ".join(bad))
-    inputs: dict[Preprocess, tuple] = {}
-    results = []
-    for d, manifest in manifests:
-        if manifest["source"].get("sha256") and ckpt.sha256 and manifest["source"]["sha256"] != ckpt.sha256:
-            log.warning("%s was converted from %s, not from %s: expect drift", d, manifest["source"]["path"], ckpt.path)
-        spec = manifest["input"]
-        pre = Preprocess(
-            spec["shape"][2], tuple(spec["mean"]), tuple(spec["std"]), spec["crop_pct"], spec["interpolation"]
-        )
-        if pre not in inputs:
-            images = load_images(data or DEFAULT_DATA, pre, samples, seed=1)
-            inputs[pre] = (images, reference(ckpt.model, images.x))
-        images, ref = inputs[pre]
-        target = get_target(manifest["target"])
-        precision = manifest["precision"]
-        recipe_tol = Tolerance(**manifest.get("recipe", {}).get("tolerance", {}))
-        tol = tolerance_for(precision, recipe_tol)
-        if override is not None:
-            tol = tolerance_for(precision, Tolerance(**{**tol.model_dump(), **override.model_dump(exclude_none=True)}))
-        artifact = d / manifest["artifact"]
-        try:
-            runner = target.runner(artifact, manifest, threads)
-        except BackendUnavailable as err:
-            results.append(ArtifactResult(str(d), target.name, precision, "NOT RUN", reason=str(err)))
-            continue
-        with step(f"Running {target.name} {precision} ({d}) on {len(images.x)} images"):
-            try:
-                report = compare(
-                    ref, run(runner, images.x), tol, labels_for(ckpt.labels, ckpt.config.num_classes, images)
-                )
-                report.ran = dict(runner.info)
-            finally:
-                runner.close()
-        result = ArtifactResult(
-            str(d), target.name, precision, "PASS" if report else "FAIL", report, "; ".join(report.failures)
-        )
-        if not report and localize_failures:
-            if artifact.suffix == ".onnx":
-                with step(f"Localizing the drift in {artifact}"):
-                    result.localized = localize(ckpt.model, artifact, images.x[: runner.batch or 4], precision)
-            else:
-                result.localized = {
-                    "first_divergent": None,
-                    "note": f"localization needs an .onnx artifact, not {artifact.suffix}",
-                }
-        results.append(result)
-    return results
-
-
-def passed(results: list[ArtifactResult], allow_not_run: bool = False) -> bool:
-    return all(r.status == "PASS" or (allow_not_run and r.status == "NOT RUN") for r in results)
-
-
-def markdown(results: list[ArtifactResult], data: str) -> str:
-    """A Markdown table for CI job summaries."""
-    lines = [
-        f"Parity against PyTorch (original model, BatchNorm unfolded) on {data}",
-        "",
-        "| artifact | target | precision | status | images | max abs | mean abs | max rel | cosine | top-1 | top-5 | accuracy (ref) | reason |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        p = r.report
-        if p is None:
-            cells = ["-"] * 8
-        else:
-            acc = "-" if p.accuracy is None else f"{p.accuracy:.2%} ({p.ref_accuracy:.2%})"
-            cells = [
-                str(p.n),
-                f"{p.max_abs:.2e}",
-                f"{p.mean_abs:.2e}",
-                f"{p.max_rel:.2e}",
-                f"{p.cosine:.6f}",
-                f"{p.top1:.2%}",
-                f"{p.top5:.2%}",
-                acc,
-            ]
-        reason = r.reason
-        if r.localized and r.localized.get("first_divergent"):
-            first = r.localized["first_divergent"]
-            reason += f"; first divergent layer: {first['module']} (rel error {first['rel_error']:.2e})"
-        lines.append(f"| {r.dir} | {r.target} | {r.precision} | {r.status} | " + " | ".join(cells) + f" | {reason} |")
-    return "\n".join(lines) + "\n"

@@ -1,0 +1,145 @@
+"""The main job: checkpoint -> reparameterized model -> target artifact -> parity -> manifest."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import fnexport.manifest as mf
+from fnexport.comparison import ParityReport, check, reference, tolerance_for
+from fnexport.console import log, step
+from fnexport.errors import BackendUnavailable, BadInput, CheckFailed
+from fnexport.model.checkpoint import Checkpoint
+from fnexport.model.fasternet import count
+from fnexport.recipes import Recipe
+from fnexport.targets import get_target
+from fnexport.targets.base import Exported, Source, Target
+
+REPARAM_ATOL = 1e-4
+
+
+@dataclass
+class Converted:
+    """A finished output directory, the parity report behind it, and what could not be done here."""
+
+    out: Path
+    manifest: dict
+    report: ParityReport | None  # None: the artifact's runtime is missing here (manifest["parity"]["reason"])
+    unfinished: str | None = None  # the hand-off line when the target needs another machine to finish
+
+
+def default_out(ckpt: Checkpoint, recipe: Recipe) -> Path:
+    return Path("exports") / f"{ckpt.name}-{recipe.target}-{recipe.precision}"
+
+
+def convert(ckpt: Checkpoint, recipe: Recipe, out: Path | None = None) -> tuple[Path, dict]:
+    """Write the artifact and manifest into `out` atomically; CheckFailed if parity fails, BackendUnavailable
+    (after writing) when the target must be finished on another machine."""
+    done = convert_checkpoint(ckpt, recipe, out)
+    if done.unfinished:
+        raise BackendUnavailable(done.unfinished)
+    return done.out, done.manifest
+
+
+def convert_checkpoint(ckpt: Checkpoint, recipe: Recipe, out: Path | None = None) -> Converted:
+    """Export, check parity and write the manifest; nothing is written when a check fails."""
+    target = target_for(ckpt, recipe)
+    out = out or default_out(ckpt, recipe)
+    mf.check_out(out)  # before the parity data is loaded and run: a bad --out fails in a moment
+    with Source(ckpt, recipe) as src:
+        src.reference()  # the parity images and their logits, before the export: bad --data fails early
+        with mf.atomic_dir(out) as tmp:
+            reparam_err = check_reparam(src)
+            with step(f"Exporting {target.name} {recipe.precision}"):
+                exported = target.export(src, tmp, recipe)
+            manifest = build_manifest(ckpt, recipe, target, exported)
+            manifest["parity"] = {
+                "reference": "PyTorch eager FP32, the model as loaded (BatchNorm not folded)",
+                "data": src.parity_inputs().source,
+                "reparam_max_abs": reparam_err,
+            }
+            report = check_parity(src, target, exported, manifest)
+            mf.write(tmp, manifest)
+            if report is not None and not report.passed:
+                raise CheckFailed(
+                    f"{target.name} {recipe.precision} parity failed: {'; '.join(report.failures)} (nothing written to {out})"
+                )
+    log.info("Wrote %s", out)
+    unfinished = exported.unfinished.replace("{dir}", str(out)) if exported.unfinished else None
+    return Converted(out, manifest, report, unfinished)
+
+
+def target_for(ckpt: Checkpoint, recipe: Recipe) -> Target:
+    """The recipe's target, once its precision and variant are known to fit this checkpoint."""
+    target = get_target(recipe.target)
+    if recipe.precision not in target.precisions:
+        raise BadInput(
+            f"--precision {recipe.precision} is not offered by --target {target.name} (choose: {', '.join(target.precisions)})"
+        )
+    if recipe.variant and recipe.variant != ckpt.config.variant:
+        raise BadInput(
+            f"{ckpt.path}: is a {ckpt.config.variant}, but the recipe is for {recipe.variant}; use a {ckpt.config.variant} recipe"
+        )
+    return target
+
+
+def check_reparam(src: Source) -> float:
+    """The folded model must match the original to float rounding before anything is exported."""
+    ref = src.reference()
+    err = float(np.abs(reference(src.module("split_cat"), src.parity_inputs().x) - ref).max())
+    log.info("Reparameterized model vs original: max abs logit error %.2e", err)
+    if err > REPARAM_ATOL * max(1.0, float(np.abs(ref).max())):
+        raise CheckFailed(f"BatchNorm folding changed the logits by {err:.3g} (> {REPARAM_ATOL:g}); please report this")
+    return err
+
+
+def check_parity(src: Source, target: Target, exported: Exported, manifest: dict) -> ParityReport | None:
+    """Run the artifact on the parity images against the original model; record the outcome in the manifest."""
+    recipe = src.recipe
+    try:
+        runner = target.runner(exported.path, manifest)
+    except BackendUnavailable as err:
+        # e.g. Core ML off macOS: the artifact is written, and `fnexport parity` reports NOT RUN.
+        log.warning("Parity not run for %s: %s", target.name, err)
+        manifest["parity"] |= {"ran": False, "reason": str(err)}
+        return None
+    x = src.parity_inputs().x
+    with step(f"Checking parity on {len(x)} images"):
+        report = check(runner, x, src.reference(), tolerance_for(recipe.precision, recipe.tolerance), src.labels())
+    manifest["parity"] |= report.to_dict()
+    verdict = "PASS" if report.passed else "FAIL: " + "; ".join(report.failures)
+    log.info("Parity %s %s vs PyTorch: %s -> %s", target.name, recipe.precision, report.summary(), verdict)
+    return report
+
+
+def build_manifest(ckpt: Checkpoint, recipe: Recipe, target: Target, exported: Exported) -> dict:
+    cfg = ckpt.config
+    params, macs = count(ckpt.model, recipe.imgsz)
+    p = recipe.preprocess
+    batch = "batch" if recipe.dynamic else recipe.batch
+    return {
+        "schema": mf.SCHEMA,
+        "target": target.name,
+        "precision": recipe.precision,
+        "artifact": exported.path.name,
+        "sha256": mf.sha256_artifact(exported.path),
+        "input": {
+            "name": "input",
+            "shape": [batch, cfg.in_chans, recipe.imgsz, recipe.imgsz],
+            "dtype": "float32",
+            "layout": "NCHW, RGB",
+            "mean": list(p.mean),
+            "std": list(p.std),
+            "crop_pct": p.crop_pct,
+            "interpolation": p.interpolation,
+        },
+        "output": {"name": "logits", "shape": [batch, cfg.num_classes]},
+        "model": cfg.to_dict() | {"params": params, "macs": macs},
+        "labels": ckpt.labels,
+        "source": ckpt.source(),
+        "recipe": recipe.model_dump(mode="json"),
+        "details": exported.details,
+        "versions": mf.versions(*target.packages),
+    }

@@ -1,0 +1,65 @@
+"""The build-engine job: finish a prepared TensorRT directory on the GPU host, check the engine, update its manifest."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+import fnexport.manifest as mf
+from fnexport.comparison import check, tolerance_for
+from fnexport.console import log, step
+from fnexport.errors import BadInput, CheckFailed
+from fnexport.recipes import Recipe
+from fnexport.targets.base import parity_images
+from fnexport.targets.tensorrt import (
+    ENGINE,
+    PREPARED,
+    REFERENCE,
+    EngineOptions,
+    TensorRtRunner,
+    build_engine,
+    input_digest,
+)
+
+
+def build_engine_dir(folder: Path, opts: EngineOptions) -> dict:
+    """Build model.engine in a prepared directory, check it against the stored reference, update the manifest."""
+    manifest = mf.read(folder)
+    if manifest.get("target") != "tensorrt":
+        raise BadInput(f"{folder}: made for --target {manifest.get('target')}, not tensorrt")
+    details = manifest["details"]
+    prepared = folder / PREPARED
+    if not prepared.is_file() or mf.sha256_artifact(prepared) != details["prepared"]["sha256"]:
+        raise CheckFailed(f"{prepared}: missing or changed since convert wrote it; re-run fnexport convert")
+    tmp = folder / f".{ENGINE}.tmp{os.getpid()}"
+    try:
+        info = build_engine(prepared, tmp, manifest["input"]["shape"], manifest["precision"], opts)
+        updated = manifest | {
+            "artifact": ENGINE,
+            "sha256": mf.sha256_artifact(tmp),
+            "details": details | {"engine": info},
+        }
+        recipe = Recipe(**manifest["recipe"])
+        # Convert kept the reference logits: the GPU host needs the images, not the checkpoint.
+        data = parity_images(recipe)
+        stored = np.load(folder / REFERENCE)
+        if input_digest(data.x) != str(stored["input_sha256"]):
+            raise BadInput(f"{data.source}: the parity images differ from the ones convert used; cannot compare here")
+        labels = stored["labels"] if "labels" in stored else None
+        tol = tolerance_for(recipe.precision, recipe.tolerance)
+        with step(f"Checking engine parity on {len(data.x)} images"):
+            report = check(TensorRtRunner(tmp, updated), data.x, stored["logits"], tol, labels)
+        log.info("Parity tensorrt %s engine vs PyTorch: %s", recipe.precision, report.summary())
+        if not report.passed:
+            raise CheckFailed(
+                f"tensorrt {recipe.precision} engine parity failed: {'; '.join(report.failures)} (engine not kept)"
+            )
+        updated["parity"] = manifest["parity"] | {"data": data.source} | report.to_dict()
+        updated["parity"].pop("reason", None)
+        os.replace(tmp, folder / ENGINE)
+    finally:
+        tmp.unlink(missing_ok=True)
+    mf.write(folder, updated)
+    return updated

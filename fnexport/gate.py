@@ -1,0 +1,151 @@
+"""The release gate: every artifact directory against the original PyTorch model on the same inputs."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+import fnexport.manifest as mf
+from fnexport.comparison import ParityReport, check, labels_for, localize, reference, tolerance_for
+from fnexport.console import log, step
+from fnexport.data import DEFAULT_DATA, PARITY_SEED, ImageSet, Preprocess, load_images
+from fnexport.errors import BackendUnavailable, CheckFailed
+from fnexport.model.checkpoint import Checkpoint
+from fnexport.recipes import Tolerance
+from fnexport.targets import get_target
+
+
+@dataclass
+class ArtifactResult:
+    """One artifact's verdict in a gate run: PASS, FAIL or NOT RUN (with the reason)."""
+
+    dir: str
+    target: str
+    precision: str
+    status: str
+    report: ParityReport | None = None
+    reason: str = ""
+    localized: dict | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["report"] = self.report.to_dict() if self.report else None
+        return d
+
+
+def gate(
+    ckpt: Checkpoint,
+    dirs: list,
+    data: str | None = None,
+    samples: int = 200,
+    override: Tolerance | None = None,
+    localize_failures: bool = False,
+    threads: int | None = None,
+) -> list[ArtifactResult]:
+    """Verify every artifact's hash first, then run each against the original model on the same inputs."""
+    inputs: dict[Preprocess, tuple[ImageSet, np.ndarray]] = {}
+    results = []
+    for d, manifest in read_verified(map(Path, dirs)):
+        if manifest["source"].get("sha256") and ckpt.sha256 and manifest["source"]["sha256"] != ckpt.sha256:
+            log.warning("%s was converted from %s, not from %s: expect drift", d, manifest["source"]["path"], ckpt.path)
+        pre = preprocess_of(manifest)
+        if pre not in inputs:  # artifacts with the same preprocessing share images and reference logits
+            images = load_images(data or DEFAULT_DATA, pre, samples, seed=PARITY_SEED)
+            inputs[pre] = (images, reference(ckpt.model, images.x))
+        results.append(check_artifact(ckpt, d, manifest, *inputs[pre], override, localize_failures, threads))
+    return results
+
+
+def read_verified(dirs) -> list[tuple[Path, dict]]:
+    """Every directory's manifest, after checking every artifact's sha256: one bad file stops the whole gate."""
+    manifests, bad = [], []
+    for d in dirs:
+        try:
+            manifests.append((d, mf.read(d, verify=True)))
+        except CheckFailed as err:
+            bad.append(str(err))
+    if bad:
+        raise CheckFailed("integrity check failed, nothing was run: " + "; ".join(bad))
+    return manifests
+
+
+def preprocess_of(manifest: dict) -> Preprocess:
+    spec = manifest["input"]
+    return Preprocess(
+        spec["shape"][2], tuple(spec["mean"]), tuple(spec["std"]), spec["crop_pct"], spec["interpolation"]
+    )
+
+
+def check_artifact(
+    ckpt: Checkpoint,
+    d: Path,
+    manifest: dict,
+    images: ImageSet,
+    ref: np.ndarray,
+    override: Tolerance | None,
+    localize_failures: bool,
+    threads: int | None,
+) -> ArtifactResult:
+    """Run one artifact on `images`, judge it by its recipe's thresholds (then `override`), localize on failure."""
+    target = get_target(manifest["target"])
+    precision = manifest["precision"]
+    tol = tolerance_for(precision, Tolerance(**manifest.get("recipe", {}).get("tolerance", {})), override)
+    artifact = d / manifest["artifact"]
+    try:
+        runner = target.runner(artifact, manifest, threads)
+    except BackendUnavailable as err:
+        return ArtifactResult(str(d), target.name, precision, "NOT RUN", reason=str(err))
+    batch = runner.batch
+    with step(f"Running {target.name} {precision} ({d}) on {len(images.x)} images"):
+        report = check(runner, images.x, ref, tol, labels_for(ckpt.labels, ckpt.config.num_classes, images))
+    result = ArtifactResult(
+        str(d), target.name, precision, "PASS" if report else "FAIL", report, "; ".join(report.failures)
+    )
+    if not report and localize_failures:
+        if artifact.suffix == ".onnx":
+            with step(f"Localizing the drift in {artifact}"):
+                result.localized = localize(ckpt.model, artifact, images.x[: batch or 4], precision)
+        else:
+            result.localized = {
+                "first_divergent": None,
+                "note": f"localization needs an .onnx artifact, not {artifact.suffix}",
+            }
+    return result
+
+
+def all_passed(results: list[ArtifactResult], allow_not_run: bool = False) -> bool:
+    return all(r.status == "PASS" or (allow_not_run and r.status == "NOT RUN") for r in results)
+
+
+def tabulate_parity(results: list[ArtifactResult], data: str) -> str:
+    """A Markdown table for CI job summaries."""
+    lines = [
+        f"Parity against PyTorch (original model, BatchNorm unfolded) on {data}",
+        "",
+        "| artifact | target | precision | status | images | max abs | mean abs | max rel | cosine | top-1 | top-5 | accuracy (ref) | reason |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        p = r.report
+        if p is None:
+            cells = ["-"] * 8
+        else:
+            acc = "-" if p.accuracy is None else f"{p.accuracy:.2%} ({p.ref_accuracy:.2%})"
+            cells = [
+                str(p.n),
+                f"{p.max_abs:.2e}",
+                f"{p.mean_abs:.2e}",
+                f"{p.max_rel:.2e}",
+                f"{p.cosine:.6f}",
+                f"{p.top1:.2%}",
+                f"{p.top5:.2%}",
+                acc,
+            ]
+        reason = r.reason
+        if r.localized and r.localized.get("first_divergent"):
+            first = r.localized["first_divergent"]
+            reason += f"; first divergent layer: {first['module']} (rel error {first['rel_error']:.2e})"
+        lines.append(f"| {r.dir} | {r.target} | {r.precision} | {r.status} | " + " | ".join(cells) + f" | {reason} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,110 @@
+"""The target interface (Runner, Target, Exported) and Source, the data one conversion makes once."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+
+from fnexport.comparison import labels_for, reference
+from fnexport.data import DEFAULT_DATA, PARITY_SEED, ImageSet, load_images
+from fnexport.model.checkpoint import Checkpoint
+from fnexport.model.fasternet import FasterNet
+from fnexport.model.reparam import reparameterize
+from fnexport.recipes import Recipe
+from fnexport.targets.graph import export_onnx, onnx_metadata
+
+
+class Runner(Protocol):
+    batch: int | None  # the artifact's fixed batch size, None when dynamic
+    info: dict[str, Any]  # what actually ran (provider, execution precision, threads)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray: ...  # NCHW float32 -> logits float32
+    def close(self) -> None: ...
+
+
+@dataclass
+class Exported:
+    path: Path  # the artifact (file or directory) inside the output directory
+    details: dict[str, Any] = field(default_factory=dict)  # target-specific facts for the manifest
+    # Set when the target wrote a usable intermediate but cannot finish on this machine (TensorRT without a
+    # GPU): convert still writes the directory, then exits 3 with this message ("{dir}" = the output dir).
+    unfinished: str | None = None
+
+
+class Target(Protocol):
+    name: ClassVar[str]  # CLI word = recipe key = module name
+    precisions: ClassVar[tuple[str, ...]]
+    pconv_form: ClassVar[str]  # chosen by measurement, see the target's module
+    # Distributions the target runs on -> the pyproject extra that installs them ("core": always there).
+    # Their versions go into the manifest, and `fnexport doctor` lists them.
+    packages: ClassVar[dict[str, str]]
+
+    def export(self, src: Source, out_dir: Path, recipe: Recipe) -> Exported: ...
+    def runner(self, artifact: Path, manifest: dict, threads: int | None = None) -> Runner: ...
+
+
+def parity_images(recipe: Recipe) -> ImageSet:
+    """The images convert checks parity on (and `build-engine` again, later, on the GPU host)."""
+    return load_images(recipe.parity_data or DEFAULT_DATA, recipe.pre(), recipe.parity_samples, seed=PARITY_SEED)
+
+
+class Source:
+    """What every target starts from, each made once per conversion and handed down.
+
+    The folded model per PConv form, fnexport's FP32 ONNX, the calibration and parity images and the
+    reference logits of the original model on the latter. A context manager: its temp dir goes on exit.
+    """
+
+    def __init__(self, ckpt: Checkpoint, recipe: Recipe) -> None:
+        self.ckpt, self.recipe = ckpt, recipe
+        self.workdir = Path(tempfile.mkdtemp(prefix="fnexport-"))
+        self._modules: dict[str, FasterNet] = {}
+        self._onnx: Path | None = None
+        self._calibration: ImageSet | None = None
+        self._parity: ImageSet | None = None
+        self._reference: np.ndarray | None = None
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def module(self, pconv_form: str) -> FasterNet:
+        """The reparameterized model in `pconv_form`; shared, so a target that edits weights copies it first."""
+        if pconv_form not in self._modules:
+            self._modules[pconv_form] = reparameterize(self.ckpt.model, pconv_form)
+        return self._modules[pconv_form]
+
+    def onnx(self) -> Path:
+        """FP32 ONNX of the reparameterized model (split_cat, BN folded, simplified, checked)."""
+        if self._onnx is None:
+            meta = onnx_metadata(self.ckpt, self.recipe)
+            self._onnx = export_onnx(self.module("split_cat"), self.workdir / "fp32.onnx", self.recipe, meta)
+        return self._onnx
+
+    def calibration(self) -> ImageSet:
+        if self._calibration is None:
+            recipe = self.recipe
+            self._calibration = load_images(recipe.calib or DEFAULT_DATA, recipe.pre(), recipe.calib_samples)
+        return self._calibration
+
+    def parity_inputs(self) -> ImageSet:
+        if self._parity is None:
+            self._parity = parity_images(self.recipe)
+        return self._parity
+
+    def reference(self) -> np.ndarray:
+        """Logits of the original, un-reparameterized model on the parity inputs."""
+        if self._reference is None:
+            self._reference = reference(self.ckpt.model, self.parity_inputs().x)
+        return self._reference
+
+    def labels(self) -> np.ndarray | None:
+        """The parity images' labels as model class indices, when their folders name the model's classes."""
+        return labels_for(self.ckpt.labels, self.ckpt.config.num_classes, self.parity_inputs())
