@@ -5,13 +5,15 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import platform
-
-import torch
+import sys
 
 from fnexport.targets import TARGETS
+from fnexport.targets.tensorrt import engine_unavailable
 
 # What every target needs before its own packages: the model and the graph every target starts from.
 CORE = {"torch": "core", "onnx": "core"}
+# Distributions whose module is not their name with "-" as "_".
+MODULES = {"cuda-bindings": "cuda.bindings"}
 
 
 def backends() -> dict[str, str]:
@@ -27,16 +29,24 @@ def doctor() -> list[dict]:
     """Each backend: installed, version, and why it cannot run here when it cannot."""
     rows = []
     for package, extra in backends().items():
-        module = package.replace("-", "_")
-        row: dict = {"backend": package, "extra": extra, "installed": importlib.util.find_spec(module) is not None}
+        module = MODULES.get(package, package.replace("-", "_"))
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # a dotted module whose parent package is missing
+            found = False
+        row: dict = {"backend": package, "extra": extra, "installed": found}
         try:
             row["version"] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             row["version"] = None
         row["usable"] = row["installed"]
         row["note"] = "" if row["installed"] else f"pip install 'fnexport[{extra}]'"
-        if package == "tensorrt" and row["installed"] and not torch.cuda.is_available():
-            row["usable"], row["note"] = False, "no CUDA GPU visible: engines cannot be built or run here"
+        if package == "tensorrt" and row["installed"]:
+            why = engine_unavailable()  # cuda-bindings missing (with its pip line), no driver, no GPU
+            # tensorrt-cu12/-cu13 wheels provide the module under another distribution name.
+            row["version"] = row["version"] or getattr(sys.modules.get("tensorrt"), "__version__", None)
+            if why is not None:
+                row["usable"], row["note"] = False, why
         if package == "coremltools" and row["installed"] and platform.system() != "Darwin":
             row["note"] = "converts here; Core ML prediction needs macOS"
         rows.append(row)

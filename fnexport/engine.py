@@ -10,7 +10,7 @@ import numpy as np
 import fnexport.manifest as mf
 from fnexport.comparison import check, tolerance_for
 from fnexport.console import log, step
-from fnexport.errors import BadInput, CheckFailed
+from fnexport.errors import BackendUnavailable, BadInput, CheckFailed
 from fnexport.recipes import Recipe
 from fnexport.targets.base import parity_images
 from fnexport.targets.tensorrt import (
@@ -20,6 +20,7 @@ from fnexport.targets.tensorrt import (
     EngineOptions,
     TensorRtRunner,
     build_engine,
+    engine_unavailable,
     input_digest,
 )
 
@@ -33,6 +34,18 @@ def build_engine_dir(folder: Path, opts: EngineOptions) -> dict:
     prepared = folder / PREPARED
     if not prepared.is_file() or mf.sha256_artifact(prepared) != details["prepared"]["sha256"]:
         raise CheckFailed(f"{prepared}: missing or changed since convert wrote it; re-run fnexport convert")
+    reason = engine_unavailable()
+    if reason is not None:
+        raise BackendUnavailable(f"cannot build the engine of {folder} here: {reason}")
+    recipe = Recipe(**manifest["recipe"])
+    # Convert kept the reference logits: the GPU host needs the images, not the checkpoint. Checked before the
+    # build, which takes minutes.
+    data = parity_images(recipe)
+    stored = np.load(folder / REFERENCE)
+    if input_digest(data.x) != str(stored["input_sha256"]):
+        raise BadInput(f"{data.source}: the parity images differ from the ones convert used; cannot compare here")
+    labels = stored["labels"] if "labels" in stored else None
+    tol = tolerance_for(recipe.precision, recipe.tolerance)
     tmp = folder / f".{ENGINE}.tmp{os.getpid()}"
     try:
         info = build_engine(prepared, tmp, manifest["input"]["shape"], manifest["precision"], opts)
@@ -41,14 +54,6 @@ def build_engine_dir(folder: Path, opts: EngineOptions) -> dict:
             "sha256": mf.sha256_artifact(tmp),
             "details": details | {"engine": info},
         }
-        recipe = Recipe(**manifest["recipe"])
-        # Convert kept the reference logits: the GPU host needs the images, not the checkpoint.
-        data = parity_images(recipe)
-        stored = np.load(folder / REFERENCE)
-        if input_digest(data.x) != str(stored["input_sha256"]):
-            raise BadInput(f"{data.source}: the parity images differ from the ones convert used; cannot compare here")
-        labels = stored["labels"] if "labels" in stored else None
-        tol = tolerance_for(recipe.precision, recipe.tolerance)
         with step(f"Checking engine parity on {len(data.x)} images"):
             report = check(TensorRtRunner(tmp, updated), data.x, stored["logits"], tol, labels)
         log.info("Parity tensorrt %s engine vs PyTorch: %s", recipe.precision, report.summary())

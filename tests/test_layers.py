@@ -19,7 +19,13 @@ LAYERS = (
     ("conversion", "gate", "bench", "inspection", "doctor", "engine"),
     ("targets",),  # the registry, TARGETS
     ("targets.coreml", "targets.onnx_arm", "targets.openvino", "targets.tensorrt"),
-    ("targets.onnx", "targets.coreml_package", "targets.tensorrt_qdq"),
+    (
+        "targets.onnx",
+        "targets.coreml_package",
+        "targets.tensorrt_qdq",
+        "targets.tensorrt_cuda",
+        "targets.tensorrt_plan",
+    ),
     ("targets.base",),
     ("targets.graph",),
     ("comparison", "manifest"),

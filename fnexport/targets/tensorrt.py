@@ -7,24 +7,35 @@ is decided in the ONNX here and the engine build is a plain parse-and-build on t
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
 
 import fnexport.manifest as mf
 from fnexport.comparison import check, tolerance_for
 from fnexport.console import log, require, step
-from fnexport.data import batches, cache_dir
+from fnexport.data import batches
 from fnexport.errors import BackendUnavailable, BadInput, CheckFailed, FnexportError
 from fnexport.recipes import Recipe
 from fnexport.targets.base import Exported, Source
+from fnexport.targets.graph import INPUT_NAME
 from fnexport.targets.onnx import OrtRunner, convert_fp16, quantize_int8
+from fnexport.targets.tensorrt_cuda import CudaStream, query_gpu
+from fnexport.targets.tensorrt_plan import (
+    default_timing_cache,
+    engine_mismatch,
+    inspect_layers,
+    load_timing_cache,
+    save_timing_cache,
+    trt_errors,
+    trt_logger,
+    version_tuple,
+)
 from fnexport.targets.tensorrt_qdq import (
     INT8_OPTIONS,
     OPS_SOURCE,
@@ -45,6 +56,7 @@ FP16_KEEP_FP32: tuple[str, ...] = ()
 FP16_MAX = 65504.0
 
 HARDWARE_COMPAT = {"none": "NONE", "ampere+": "AMPERE_PLUS", "same-cc": "SAME_COMPUTE_CAPABILITY"}
+TRTEXEC_HARDWARE = {"ampere+": "ampere+", "same-cc": "sameComputeCapability"}  # --hardwareCompatibilityLevel
 DYNAMIC_PROFILE = (1, 16, 64)  # min/opt/max batch of a --dynamic engine; parity feeds chunks of 32
 
 
@@ -173,26 +185,39 @@ def engine_unavailable() -> str | None:
     """Why no engine can be built here, or None."""
     try:
         trt = require("tensorrt", "tensorrt")
+        if not hasattr(trt, "Builder"):
+            return "the installed tensorrt package has no Builder (lean or dispatch runtime only)"
         query_gpu()
     except BackendUnavailable as err:
         return str(err)
-    return None if hasattr(trt, "Builder") else "the installed tensorrt package has no Builder (bindings only)"
+    return None
 
 
-def query_gpu() -> dict[str, str]:
-    """The visible CUDA GPU's name and compute capability, or BackendUnavailable."""
-    if not torch.cuda.is_available():
-        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU visible"
-        raise BackendUnavailable(f"{why}: TensorRT engines are built and run on an NVIDIA GPU")
-    major, minor = torch.cuda.get_device_capability()
-    return {"gpu": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}
+def profile_shapes(shape: list, opts: EngineOptions) -> tuple[tuple[int, ...], ...] | None:
+    """Min, opt and max input shapes of the optimization profile; None when every dimension is fixed.
 
-
-def profile_for(shape: list, opts: EngineOptions) -> tuple[int, int, int] | None:
-    """Min/opt/max batch for a dynamic input (None for a static one)."""
-    if isinstance(shape[0], int):
+    One (min, opt, max) range per dynamic dimension: only the batch today (height and width would add theirs).
+    """
+    ranges = {} if isinstance(shape[0], int) else {0: opts.profile or DYNAMIC_PROFILE}
+    if not ranges:
         return None
-    return opts.profile or DYNAMIC_PROFILE
+    return tuple(tuple(ranges[d][k] if d in ranges else int(shape[d]) for d in range(len(shape))) for k in range(3))
+
+
+def hardware_level(trt: ModuleType, opts: EngineOptions, here: dict[str, str]) -> Any:
+    """TensorRT's HardwareCompatibilityLevel for --hardware-compat, refusing what this TensorRT or GPU cannot build."""
+    level = getattr(trt.HardwareCompatibilityLevel, HARDWARE_COMPAT[opts.hardware_compat], None)
+    if level is None:  # SAME_COMPUTE_CAPABILITY arrived in TensorRT 10.9
+        raise BackendUnavailable(
+            f"--hardware-compat {opts.hardware_compat} needs TensorRT >= 10.9; this is {trt.__version__}: "
+            "use --hardware-compat ampere+ or none, or pip install 'tensorrt-cu12>=10.9,<12'"
+        )
+    if opts.hardware_compat == "ampere+" and version_tuple(here["compute_capability"]) < (8, 0):
+        raise BackendUnavailable(
+            f"--hardware-compat ampere+ needs an Ampere or newer GPU (sm 8.0+) to build on; this {here['gpu']} "
+            f"is sm {here['compute_capability']}"
+        )
+    return level
 
 
 def build_engine(
@@ -201,9 +226,11 @@ def build_engine(
     """Parse the prepared ONNX into a strongly typed network and build a serialized engine."""
     trt = require("tensorrt", "tensorrt")
     here = query_gpu()
-    logger = trt.Logger(trt.Logger.WARNING)
+    level = hardware_level(trt, opts, here)
+    logger = trt_logger(trt)
     builder = trt.Builder(logger)
-    # TensorRT 10 needs the flag for the ONNX's FP16/Q-DQ types to be obeyed; in 11 it is the only mode.
+    # TensorRT 10 needs the flag for the ONNX's FP16/Q-DQ types to be obeyed; in 11 it is the only mode (and
+    # the flag's value changed from 1 to 0), so the bit is computed from the enum, never hard-coded.
     flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
     network = builder.create_network(0 if flag is None else 1 << int(flag))
     parser = trt.OnnxParser(network, logger)
@@ -213,129 +240,161 @@ def build_engine(
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(opts.workspace_gib * 2**30))
     config.builder_optimization_level = opts.opt_level
-    config.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel, HARDWARE_COMPAT[opts.hardware_compat])
+    config.hardware_compatibility_level = level
     if opts.version_compatible:
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
     if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)  # on by default: 10-bit mantissas would make "fp32" a lie
-    profile = profile_for(shape, opts)
-    if profile is not None:
-        inp = network.get_input(0)
-        dims = [tuple([b, *shape[1:]]) for b in profile]
+    if hasattr(trt, "ProfilingVerbosity"):
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # layer precisions for the inspector
+    inp = network.get_input(0)
+    shapes = profile_shapes(shape, opts)
+    if shapes is not None:
         trt_profile = builder.create_optimization_profile()
-        trt_profile.set_shape(inp.name, *dims)
+        trt_profile.set_shape(inp.name, *shapes)
         config.add_optimization_profile(trt_profile)
-    cache_path = (
-        opts.timing_cache or cache_dir() / "tensorrt" / f"timing-{trt.__version__}-sm{here['compute_capability']}.cache"
-    )
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    cache_path = opts.timing_cache or default_timing_cache(trt.__version__, here)
+    cache_state = load_timing_cache(config, cache_path)
     start = time.perf_counter()
     with step(f"Building the TensorRT {trt.__version__} engine on {here['gpu']}"):
         plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise CheckFailed("TensorRT could not build the engine; its log above says why")
+        raise CheckFailed(f"TensorRT could not build the engine: {trt_errors(logger)}")
+    seconds = time.perf_counter() - start
     engine_path.write_bytes(plan)  # the bare plan, so `trtexec --loadEngine` opens it
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_bytes(config.get_timing_cache().serialize())
-    os.replace(tmp, cache_path)
+    # A user's --timing-cache that TensorRT rejected (another GPU) is theirs: never replace it.
+    keep_theirs = opts.timing_cache is not None and cache_state != "reused" and cache_path.is_file()
+    saved = False if keep_theirs or cache_state == "none" else save_timing_cache(config, cache_path)
+    if keep_theirs:
+        log.warning("Timing cache %s was not updated: TensorRT did not accept it here", cache_path)
+    layers = inspect_layers(trt, plan, inp.name, shapes, opts.version_compatible)
+    log.info("Engine layer precisions: %s", layers.get("summary") or layers.get("reason"))
     return {
         "tensorrt": trt.__version__,
         **here,
-        "build_seconds": round(time.perf_counter() - start, 1),
-        "profile": profile,
-        "timing_cache": str(cache_path),
+        "build_seconds": round(seconds, 1),
+        "profile": None if shapes is None else [s[0] for s in shapes],
+        "profile_shapes": None if shapes is None else dict(zip(("min", "opt", "max"), shapes, strict=True)),
+        "timing_cache": {"path": str(cache_path), "loaded": cache_state, "saved": saved},
+        "layer_precisions": layers,
         **{k: v for k, v in asdict(opts).items() if k not in ("timing_cache", "profile")},
     }
 
 
-def engine_mismatch(built: dict[str, Any], here: dict[str, str], trt_version: str) -> list[str]:
-    """What stops an engine built on `built` from loading on this machine (empty when it can load)."""
-    version = lambda v: tuple(int(p) for p in v.split(".")[:3] if p.isdigit())  # noqa: E731
-    problems = []
-    if built["version_compatible"]:
-        if version(trt_version)[0] != version(built["tensorrt"])[0] or version(trt_version) < version(
-            built["tensorrt"]
-        ):
-            problems.append(
-                f"TensorRT {built['tensorrt']} built it (version-compatible: same major, same or newer) but this machine has {trt_version}"
-            )
-    elif trt_version != built["tensorrt"]:
-        problems.append(f"TensorRT {built['tensorrt']} built it but this machine has {trt_version}")
-    cc_built, cc_here = version(built["compute_capability"]), version(here["compute_capability"])
-    level = built["hardware_compat"]
-    if level == "ampere+" and cc_here < (8, 0):
-        problems.append(f"built for Ampere and newer (sm 8.0+) but this GPU is sm {here['compute_capability']}")
-    elif level != "ampere+" and cc_here != cc_built:
-        problems.append(
-            f"built for compute capability {built['compute_capability']} ({built['gpu']}) but this GPU is {here['compute_capability']} ({here['gpu']})"
-        )
-    return problems
-
-
 class TensorRtRunner:
-    """A TensorRT engine on the GPU, fed and read through torch CUDA tensors."""
+    """A TensorRT engine on the GPU, fed and read through cuda-bindings device buffers in profile-sized chunks."""
 
     def __init__(self, engine_path: Path, manifest: dict) -> None:
         trt = require("tensorrt", "tensorrt")
         here = query_gpu()
         built = manifest["details"]["engine"]
         problems = engine_mismatch(built, here, trt.__version__)
+        rebuild = f"Rebuild it on this machine: fnexport build-engine {engine_path.parent}"
         if problems:
-            raise BackendUnavailable(
-                f"{engine_path} cannot run here: {'; '.join(problems)}. Rebuild it on this machine: fnexport build-engine {engine_path.parent}"
-            )
+            raise BackendUnavailable(f"{engine_path} cannot run here: {'; '.join(problems)}. {rebuild}")
         if here["gpu"] != built["gpu"]:
             log.warning("Engine was tuned on %s; running on %s (same compute capability)", built["gpu"], here["gpu"])
-        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        logger = trt_logger(trt)
+        self.runtime = trt.Runtime(logger)
         if built["version_compatible"]:
             self.runtime.engine_host_code_allowed = True  # version-compatible plans embed the lean runtime
         self.engine = self.runtime.deserialize_cuda_engine(engine_path.read_bytes())
-        if self.engine is None:
+        if self.engine is None:  # TensorRT decides compatibility in the end; its log says why
             raise BackendUnavailable(
-                f"TensorRT {trt.__version__} could not deserialize {engine_path}; see its log above"
+                f"TensorRT {trt.__version__} could not load {engine_path}: {trt_errors(logger)}. {rebuild}"
             )
+        self.logger = logger
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
         self.output = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
-        dim0 = self.engine.get_tensor_shape(self.input)[0]
-        self.batch = dim0 if dim0 > 0 else None
-        self.stream = torch.cuda.Stream()
-        self.info = {"runtime": f"tensorrt {trt.__version__}", **here}
+        for name in (self.input, self.output):
+            if self.engine.get_tensor_dtype(name) != trt.DataType.FLOAT:  # the prepared ONNX keeps FP32 I/O
+                raise FnexportError(f"{engine_path}: tensor {name} is {self.engine.get_tensor_dtype(name)}, not FP32")
+        shape = tuple(self.engine.get_tensor_shape(self.input))
+        if min(shape) < 0:  # dynamic: the profile bounds what set_input_shape accepts (outputs read -1 otherwise)
+            low, opt, high = (tuple(s) for s in self.engine.get_tensor_profile_shape(self.input, 0))
+        else:
+            low = opt = high = shape
+        self.low, self.high = low, high
+        self.batch = None if min(shape) < 0 else shape[0]
+        self.cuda = CudaStream()
+        self.info = {
+            "runtime": f"tensorrt {trt.__version__}",
+            **here,
+            "profile": {"min": list(low), "opt": list(opt), "max": list(high)},
+        }
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        # A stream of our own: TensorRT synchronizes extra when enqueued on the legacy default stream.
-        with torch.cuda.stream(self.stream):
-            inp = torch.from_numpy(np.ascontiguousarray(x, np.float32)).cuda()
-            self.context.set_input_shape(self.input, tuple(inp.shape))
-            out = torch.empty(tuple(self.context.get_tensor_shape(self.output)), dtype=torch.float32, device="cuda")
-            self.context.set_tensor_address(self.input, inp.data_ptr())
-            self.context.set_tensor_address(self.output, out.data_ptr())
-            if not self.context.execute_async_v3(self.stream.cuda_stream):
-                raise FnexportError("TensorRT execute_async_v3 failed; see its log above")
-            result = out.cpu()  # waits for the stream
-        return result.numpy()
+        x = np.ascontiguousarray(x, np.float32)
+        inside = x.ndim == len(self.low) and all(
+            lo <= d <= hi for lo, d, hi in zip(self.low[1:], x.shape[1:], self.high[1:], strict=True)
+        )
+        if not inside:
+            raise BadInput(
+                f"input {x.shape[1:]} is outside the engine's profile ({self.low[1:]} to {self.high[1:]}); "
+                "convert again with the matching --imgsz"
+            )
+        # Batches above the profile's max run in chunks of max (parity feeds 32, bench any --batch); a chunk
+        # below its min is padded with its last image and the padding's outputs dropped.
+        step_, least = self.high[0], self.low[0]
+        outs = []
+        for start in range(0, len(x), step_):
+            part = x[start : start + step_]
+            n = len(part)
+            if n < least:
+                part = np.concatenate([part, np.repeat(part[-1:], least - n, axis=0)])
+            outs.append(self.run(part)[:n])
+        return np.concatenate(outs)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """One execute_async_v3 on a batch inside the profile."""
+        self.logger.errors.clear()
+        if not self.context.set_input_shape(self.input, x.shape):
+            raise FnexportError(
+                f"TensorRT refused input shape {x.shape} for {self.input!r} inside its profile "
+                f"{self.low} to {self.high}: {trt_errors(self.logger)}"
+            )
+        out_shape = tuple(self.context.get_tensor_shape(self.output))
+        if min(out_shape) < 0:
+            raise FnexportError(f"TensorRT left output {self.output!r} unshaped ({out_shape}) for input {x.shape}")
+        out = np.empty(out_shape, np.float32)
+        d_in, d_out = self.cuda.buffer("input", x.nbytes), self.cuda.buffer("output", out.nbytes)
+        self.cuda.upload(d_in, x)
+        self.context.set_tensor_address(self.input, d_in)
+        self.context.set_tensor_address(self.output, d_out)
+        if not self.context.execute_async_v3(self.cuda.handle):
+            raise FnexportError(f"TensorRT execute_async_v3 failed: {trt_errors(self.logger)}")
+        self.cuda.download(out, d_out)
+        return out
 
     def close(self) -> None:
-        del self.context, self.engine, self.runtime
+        del self.context, self.engine, self.runtime  # TensorRT objects first, then the memory they used
+        self.cuda.close()
 
 
-def handoff(reason: str, shape: list, opts: EngineOptions) -> str:
+def trtexec_args(onnx: str, engine: str, shape: list, precision: str, opts: EngineOptions) -> list[str]:
+    """trtexec flags (TensorRT 10 and 11 both parse them) that build what build_engine builds."""
+    args = [f"--onnx={onnx}", f"--saveEngine={engine}", "--stronglyTyped"]  # a no-op in 11, where it is the default
+    if precision == "fp32":
+        args.append("--noTF32")  # build_engine clears TF32 the same way; trtexec enables it by default
+    args += [
+        f"--memPoolSize=workspace:{int(opts.workspace_gib * 1024)}M",
+        f"--builderOptimizationLevel={opts.opt_level}",
+    ]
+    if opts.version_compatible:
+        args.append("--versionCompatible")
+    if opts.hardware_compat != "none":
+        args.append(f"--hardwareCompatibilityLevel={TRTEXEC_HARDWARE[opts.hardware_compat]}")
+    shapes = profile_shapes(shape, opts)
+    for kind, dims in zip(("min", "opt", "max"), shapes or (), strict=False):
+        args.append(f"--{kind}Shapes={INPUT_NAME}:{'x'.join(map(str, dims))}")
+    return args
+
+
+def handoff(reason: str, shape: list, precision: str, opts: EngineOptions) -> str:
     """The one line convert ends with when no engine can be built here; {dir} is the output directory."""
-    c, h, w = shape[1:]
-    profile = profile_for(shape, opts)
-    sizes = (
-        ""
-        if profile is None
-        else " "
-        + " ".join(f"--{k}Shapes=input:{b}x{c}x{h}x{w}" for k, b in zip(("min", "opt", "max"), profile, strict=True))
-    )
-    trtexec = (
-        f"trtexec --onnx={{dir}}/{PREPARED} --saveEngine={{dir}}/{ENGINE} --stronglyTyped"
-        f" --memPoolSize=workspace:{int(opts.workspace_gib * 1024)}M --builderOptimizationLevel={opts.opt_level}{sizes}"
-    )
+    trtexec = " ".join(["trtexec", *trtexec_args(f"{{dir}}/{PREPARED}", f"{{dir}}/{ENGINE}", shape, precision, opts)])
     return (
         f"prepared TensorRT ONNX ready in {{dir}}/{PREPARED} but no engine was built ({reason}); on the GPU host run "
         f"`fnexport build-engine {{dir}}` (builds, checks parity, updates the manifest) or `{trtexec}`"
@@ -346,7 +405,12 @@ class TensorRtTarget:
     name: ClassVar[str] = "tensorrt"
     precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "int8")
     pconv_form: ClassVar[str] = "split_cat"  # `slicing` exports ScatterND + Shape chains that block fusion and Q/DQ
-    packages: ClassVar[dict[str, str]] = {"onnxruntime": "core", "onnxconverter-common": "core", "tensorrt": "tensorrt"}
+    packages: ClassVar[dict[str, str]] = {
+        "onnxruntime": "core",
+        "onnxconverter-common": "core",
+        "tensorrt": "tensorrt",
+        "cuda-bindings": "tensorrt",
+    }
 
     def export(self, src: Source, out_dir: Path, recipe: Recipe) -> Exported:
         prepared = out_dir / PREPARED
@@ -359,7 +423,7 @@ class TensorRtTarget:
         opts = EngineOptions()
         reason = engine_unavailable()
         if reason is not None:
-            return Exported(prepared, details, unfinished=handoff(reason, shape, opts))
+            return Exported(prepared, details, unfinished=handoff(reason, shape, recipe.precision, opts))
         details["engine"] = build_engine(prepared, out_dir / ENGINE, shape, recipe.precision, opts)
         return Exported(out_dir / ENGINE, details)
 

@@ -2,24 +2,56 @@
 
 import importlib.util
 import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
+from packaging.requirements import Requirement
 
+from fnexport.bench import Plan
 from fnexport.comparison import compare, reference, run, tolerance_for
 from fnexport.conversion import convert
 from fnexport.data import load_images
 from fnexport.demo import DIGITS_PRE
+from fnexport.doctor import doctor
 from fnexport.engine import build_engine_dir
-from fnexport.errors import BackendUnavailable, BadInput
+from fnexport.errors import BackendUnavailable, BadInput, FnexportError
+from fnexport.manifest import sha256_artifact
 from fnexport.model.checkpoint import load_checkpoint
 from fnexport.recipes import Recipe
+from fnexport.targets import tensorrt_plan
 from fnexport.targets.onnx import OrtRunner
-from fnexport.targets.tensorrt import ENGINE, EngineOptions, TensorRtTarget, engine_mismatch
+from fnexport.targets.tensorrt import (
+    ENGINE,
+    EngineOptions,
+    TensorRtRunner,
+    TensorRtTarget,
+    build_engine,
+    engine_unavailable,
+    handoff,
+)
+from fnexport.targets.tensorrt_cuda import CUDA_BINDINGS, query_gpu
+from fnexport.targets.tensorrt_plan import default_timing_cache, engine_mismatch, summarize_layers
 from fnexport.targets.tensorrt_qdq import residual_adds, unsupported_ops, verify_qdq
+from tests.targets.tensorrt_standin import (
+    INSPECTOR_10,
+    INSPECTOR_11,
+    MAGIC,
+    CudaError,
+    fake_logits,
+    make_cuda_utils,
+    make_cudart,
+    make_tensorrt,
+)
 from tests.test_cli import cli
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tensorrt_gpu() -> str | None:
@@ -220,7 +252,17 @@ def test_engine_mismatch_says_what_differs():
     portable = built | {"version_compatible": True, "hardware_compat": "ampere+"}
     assert engine_mismatch(portable, h100, "10.8.0") == []
     assert len(engine_mismatch(portable, t4, "10.6.0")) == 2
-    assert engine_mismatch(portable, h100, "11.0.0")  # version compatibility stays within a major
+    # TensorRT's support matrix: 10.x version-compatible engines run on 11.x (and 8.x ones on 10.x), no other
+    # jump across majors, and never on an older runtime. Within those, TensorRT decides when it deserializes.
+    assert engine_mismatch(portable, h100, "11.0.0.114") == []
+    assert engine_mismatch(portable | {"tensorrt": "8.6.1"}, h100, "10.7.0") == []
+    assert "8 -> 10 and 10 -> 11" in engine_mismatch(portable | {"tensorrt": "8.6.1"}, h100, "11.0.0")[0]
+    assert "older" in engine_mismatch(portable | {"tensorrt": "11.1.0"}, h100, "11.0.0")[0]
+    assert "older" in engine_mismatch(portable | {"tensorrt": "11.0.0"}, h100, "10.16.1")[0]
+    assert engine_mismatch(built, a100, "11.0.0") == ["TensorRT 10.7.0 built it but this machine has 11.0.0"]
+    same_cc = built | {"hardware_compat": "same-cc"}
+    assert engine_mismatch(same_cc, {"gpu": "NVIDIA A30", "compute_capability": "8.0"}, "10.7.0") == []
+    assert "compute capability 8.0" in engine_mismatch(same_cc, h100, "10.7.0")[0]
 
 
 def test_engine_options_are_validated():
@@ -243,3 +285,377 @@ def test_engine_builds_and_matches_pytorch(digits_ckpt, digits_dirs, tmp_path, p
     # build-engine rebuilds in place, reusing the timing cache written by the first build
     rebuilt = build_engine_dir(out, EngineOptions(profile=(1, 8, 32)))
     assert rebuilt["parity"]["passed"] and tuple(rebuilt["details"]["engine"]["profile"]) == (1, 8, 32)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# fnexport's own control flow around TensorRT, against the stand-ins in tensorrt_standin.py. They return what
+# TensorRT's and cuda-bindings' Python APIs return in the failure cases; they are never evidence that an engine
+# builds or runs (none has: this machine has no GPU and no TensorRT).
+
+
+@pytest.fixture
+def standin(monkeypatch, tmp_path):
+    """Install a stand-in `tensorrt` and `cuda.bindings.runtime`; returns a function taking their switches."""
+
+    def install(cuda: dict | None = None, **trt_switches):
+        trt, rt = make_tensorrt(**trt_switches), make_cudart(**(cuda or {}))
+        monkeypatch.setitem(sys.modules, "tensorrt", trt)
+        monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", rt)
+        monkeypatch.setitem(sys.modules, "cuda.bindings.utils", make_cuda_utils())
+        monkeypatch.setattr(tensorrt_plan, "_LOGGER", None)  # one logger per process: per test here
+        monkeypatch.setenv("FNEXPORT_CACHE", str(tmp_path / "cache"))
+        return trt, rt
+
+    return install
+
+
+def build(tmp_path, opts: EngineOptions | None = None, precision: str = "fp16", shape=None) -> tuple[Path, dict]:
+    onnx_path, engine_path = tmp_path / "model.onnx", tmp_path / "model.engine"
+    onnx_path.write_bytes(b"stand-in onnx")
+    shape = shape or ["batch", 3, 64, 64]
+    return engine_path, build_engine(onnx_path, engine_path, shape, precision, opts or EngineOptions())
+
+
+def cache_calls(trt) -> list[tuple]:
+    return [c for c in trt.calls if c[0] in ("create_timing_cache", "set_timing_cache")]
+
+
+def test_timing_cache_is_keyed_by_tensorrt_version_and_gpu(standin, tmp_path):
+    standin()
+    _, info = build(tmp_path)
+    path = Path(info["timing_cache"]["path"])
+    assert path.name == "timing-trt10.7.0.23-sm80-nvidia-a100-sxm4-80gb-00010203.cache"
+    assert info["gpu_uuid"] == "GPU-00010203-0405-0607-0809-0a0b0c0d0e0f"
+    assert info["timing_cache"] == {"path": str(path), "loaded": "fresh", "saved": True} and path.is_file()
+    _, again = build(tmp_path)
+    assert again["timing_cache"]["loaded"] == "reused"
+    a100 = {"gpu": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0", "gpu_uuid": "GPU-00010203-0405"}
+    other_a100 = a100 | {"gpu_uuid": "GPU-ffffffff-0405"}
+    assert default_timing_cache("10.7.0.23", a100) == path
+    assert default_timing_cache("10.7.0.23", other_a100) != path != default_timing_cache("10.8.0.43", a100)
+
+
+def test_timing_cache_from_another_gpu_falls_back_to_a_fresh_one(standin, tmp_path, caplog):
+    standin()
+    _, first = build(tmp_path)
+    path = Path(first["timing_cache"]["path"])
+    trt, _ = standin(cache_accepted=False)  # set_timing_cache returns False: another GPU, driver or version
+    engine, info = build(tmp_path)
+    blob = path.read_bytes()
+    assert cache_calls(trt) == [
+        ("create_timing_cache", blob),
+        ("set_timing_cache", blob, False, False),
+        ("create_timing_cache", b""),
+        ("set_timing_cache", b"", False, True),
+    ]
+    assert "from another GPU" in caplog.text
+    assert engine.read_bytes().startswith(MAGIC) and info["timing_cache"] == {
+        "path": str(path),
+        "loaded": "fresh",
+        "saved": True,
+    }
+
+
+def test_corrupt_timing_cache_starts_fresh(standin, tmp_path, caplog):
+    trt, _ = standin(cache_readable=False)  # create_timing_cache returns None for a blob it cannot read
+    path = tmp_path / "mine.cache"
+    path.write_bytes(b"\x00garbage")
+    _, info = build(tmp_path, EngineOptions(timing_cache=path))
+    assert cache_calls(trt)[:3] == [
+        ("create_timing_cache", b"\x00garbage"),
+        ("create_timing_cache", b""),
+        ("set_timing_cache", b"", False, True),
+    ]
+    assert "cannot read the timing cache" in caplog.text
+    # The user's file was not one TensorRT accepted: it is theirs, so it is left alone.
+    assert path.read_bytes() == b"\x00garbage" and info["timing_cache"]["saved"] is False
+
+
+def test_engine_is_kept_when_no_timing_cache_can_be_set_or_saved(standin, tmp_path, caplog):
+    standin(cache_accepted=False, fresh_cache_accepted=False)  # get_timing_cache() is then None
+    engine, info = build(tmp_path)
+    assert engine.read_bytes().startswith(MAGIC)
+    assert info["timing_cache"]["loaded"] == "none" and info["timing_cache"]["saved"] is False
+    standin()
+    blocked = tmp_path / "is-a-directory.cache"
+    blocked.mkdir()  # writing the cache fails with an OSError
+    engine.unlink()
+    engine, info = build(tmp_path, EngineOptions(timing_cache=blocked))
+    assert engine.read_bytes().startswith(MAGIC) and info["timing_cache"]["saved"] is False
+    assert "the engine is kept" in caplog.text and not list(tmp_path.glob(".is-a-directory*"))
+
+
+def test_users_timing_cache_from_elsewhere_is_not_overwritten(standin, tmp_path, caplog):
+    standin(cache_accepted=False)
+    path = tmp_path / "shared.cache"
+    path.write_bytes(b"cache of another GPU")
+    _, info = build(tmp_path, EngineOptions(timing_cache=path))
+    assert path.read_bytes() == b"cache of another GPU" and info["timing_cache"]["loaded"] == "fresh"
+    assert "was not updated" in caplog.text
+
+
+@pytest.mark.parametrize(("version", "bit"), [("10.7.0.23", 2), ("11.0.0.114", 1)])
+def test_strongly_typed_flag_comes_from_the_enum(standin, tmp_path, version, bit):
+    trt, _ = standin(version=version)  # STRONGLY_TYPED is 1 in 10.x and 0 in 11.x
+    build(tmp_path)
+    assert ("create_network", bit) in trt.calls
+
+
+def test_fp32_clears_tf32_and_profile_follows_options(standin, tmp_path):
+    trt, _ = standin()
+    _, info = build(tmp_path, EngineOptions(profile=(2, 4, 8)), precision="fp32")
+    assert ("clear_flag", "TF32") in trt.calls
+    assert ("add_optimization_profile", ("input", (2, 3, 64, 64), (4, 3, 64, 64), (8, 3, 64, 64))) in trt.calls
+    assert info["profile"] == [2, 4, 8] and info["profile_shapes"]["max"] == (8, 3, 64, 64)
+    trt, _ = standin()
+    _, info = build(tmp_path, precision="fp16", shape=[4, 3, 64, 64])
+    assert ("clear_flag", "TF32") not in trt.calls and info["profile"] is None
+    assert not [c for c in trt.calls if c[0] == "add_optimization_profile"]
+
+
+def test_same_cc_needs_tensorrt_10_9(standin, tmp_path):
+    standin(version="10.7.0.23")
+    with pytest.raises(BackendUnavailable, match=r"same-cc needs TensorRT >= 10\.9; this is 10\.7\.0\.23"):
+        build(tmp_path, EngineOptions(hardware_compat="same-cc"))
+    assert not (tmp_path / "model.engine").exists()
+    trt, _ = standin(version="10.9.0.34")
+    _, info = build(tmp_path, EngineOptions(hardware_compat="same-cc"))
+    assert ("build_serialized_network", "SAME_COMPUTE_CAPABILITY") in trt.calls and info["hardware_compat"] == "same-cc"
+    standin(cuda={"cc": (7, 5), "name": b"Tesla T4"})
+    with pytest.raises(BackendUnavailable, match="ampere\\+ needs an Ampere or newer GPU"):
+        build(tmp_path, EngineOptions(hardware_compat="ampere+"))
+
+
+@pytest.mark.parametrize(("schema", "version"), [(INSPECTOR_10, "10.7.0.23"), (INSPECTOR_11, "11.0.0.114")])
+def test_build_records_layer_precisions(standin, tmp_path, caplog, schema, version):
+    standin(version=version, inspector_json=schema)
+    caplog.set_level("INFO", logger="fnexport")
+    _, info = build(tmp_path)
+    layers = info["layer_precisions"]
+    assert layers["available"] and layers["schema"] == version[:2] + ".x"
+    assert layers["counts"]["INT8"] == 1 and layers["counts"]["FP16"] == 1
+    assert [r["precision"] for r in layers["layers"]][:2] == ["INT8", "FP16"]
+    assert layers["fp32_layers"] == (["head"] if schema is INSPECTOR_10 else [])  # Reformat/NoOp not counted
+    assert "1 INT8" in caplog.text
+
+
+def test_build_without_an_inspector_still_keeps_the_engine(standin, tmp_path):
+    standin(inspector_json=None)
+    engine, info = build(tmp_path)
+    assert engine.is_file() and info["layer_precisions"]["available"] is False
+    assert "create_engine_inspector" in info["layer_precisions"]["reason"]
+
+
+def test_layer_precision_words():
+    assert summarize_layers({"Layers": ["a", "b"]})["counts"] == {"unknown": 2}  # LAYER_NAMES_ONLY
+    words = {
+        "Row major linear FP32": "FP32",
+        "Channel major FP16 format where channel % 8 == 0": "FP16",
+        "Thirty-two wide channel vectorized row major Int8 format": "INT8",
+        "BFloat16": "BF16",
+        "Half": "FP16",
+        "Float": "FP32",
+    }
+    assert {
+        text: summarize_layers({"Layers": [{"Inputs": [{"DataType": text}]}]})["layers"][0]["precision"]
+        for text in words
+    } == words
+
+
+def engine_dir(tmp_path, built: dict | None = None) -> tuple[Path, dict]:
+    path = tmp_path / "model.engine"
+    path.write_bytes(MAGIC + b"{}")
+    engine = {
+        "tensorrt": "10.7.0.23",
+        "gpu": "NVIDIA A100-SXM4-80GB",
+        "compute_capability": "8.0",
+        "version_compatible": False,
+        "hardware_compat": "none",
+    }
+    return path, {"details": {"engine": engine | (built or {})}}
+
+
+def test_runner_chunks_batches_inside_the_profile(standin, tmp_path):
+    trt, rt = standin(profile=(2, 4, 8))
+    runner = TensorRtRunner(*engine_dir(tmp_path))
+    assert runner.batch is None and runner.info["profile"] == {
+        "min": [2, 3, 64, 64],
+        "opt": [4, 3, 64, 64],
+        "max": [8, 3, 64, 64],
+    }
+    x = np.random.default_rng(0).standard_normal((19, 3, 64, 64), dtype=np.float32)
+    np.testing.assert_allclose(runner(x), fake_logits(x, 10), rtol=1e-6)
+    one = runner(x[:1])  # below the profile's min: padded to 2, the padding's output dropped
+    np.testing.assert_allclose(one, fake_logits(x[:1], 10), rtol=1e-6)
+    shapes = [c[1][0] for c in trt.calls if c[0] == "set_input_shape"]
+    assert shapes == [8, 8, 3, 2] and all(c[2] for c in trt.calls if c[0] == "set_input_shape")
+    runner.close()
+    assert rt.memory == {} and ("cudaStreamDestroy", (0x5EED,)) in rt.calls
+
+
+def test_bench_batch_above_the_profile_runs_in_chunks(standin, tmp_path, fp16_cli):
+    """`fnexport bench --batch 128` on a default engine (max 64): bench's own path, two calls of 64."""
+    trt, _ = standin(classes=10)
+    out = tmp_path / "engine-dir"
+    shutil.copytree(fp16_cli[0], out)
+    path, manifest = engine_dir(out)
+    stored = json.loads((out / "manifest.json").read_text())
+    stored |= {"artifact": ENGINE, "sha256": sha256_artifact(path)}
+    stored["details"]["engine"] = manifest["details"]["engine"]
+    (out / "manifest.json").write_text(json.dumps(stored))
+    plan = Plan()
+    plan.add_artifact(out, (1, 128), 1)
+    assert plan.skipped == [] and [c.row["batch"] for c in plan.configs if c.row["kind"] == "artifact"] == [1, 128]
+    big = next(c for c in plan.configs if c.row["kind"] == "artifact" and c.row["batch"] == 128)
+    assert big.call().shape == (128, 10)
+    assert [c[1][0] for c in trt.calls if c[0] == "set_input_shape"] == [64, 64]
+    assert big.row["runtime"]["profile"]["max"][0] == 64
+    for runner in plan.runners:
+        runner.close()
+
+
+def test_runner_says_when_tensorrt_refuses_a_shape(standin, tmp_path):
+    standin(refuse_shapes=True)  # set_input_shape returns False (and TensorRT logs why)
+    runner = TensorRtRunner(*engine_dir(tmp_path))
+    with pytest.raises(FnexportError, match=r"refused input shape \(4, 3, 64, 64\).*stand-in: shape"):
+        runner(np.zeros((4, 3, 64, 64), np.float32))
+    with pytest.raises(BadInput, match="outside the engine's profile"):
+        runner(np.zeros((4, 3, 96, 96), np.float32))
+    runner.close()
+
+
+def test_runner_reports_tensorrts_own_load_error(standin, tmp_path):
+    reason = "The engine plan file is not compatible with this version of TensorRT (stand-in text)"
+    trt, _ = standin(version="11.0.0.114", load_error=reason)
+    path, manifest = engine_dir(tmp_path, {"version_compatible": True})  # 10.x VC on 11.x: TensorRT decides
+    with pytest.raises(BackendUnavailable, match=re.escape(reason)):
+        TensorRtRunner(path, manifest)
+    assert ("deserialize_cuda_engine", True) in trt.calls  # host code allowed for version-compatible plans
+    standin(version="11.0.0.114")
+    path, manifest = engine_dir(tmp_path)  # not version-compatible: certain, refused before loading
+    with pytest.raises(BackendUnavailable, match="built it but this machine has 11.0.0.114"):
+        TensorRtRunner(path, manifest)
+
+
+def test_missing_cuda_bindings_names_the_pip_line(standin, monkeypatch):
+    standin()
+    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", None)  # import fails as if not installed
+    reason = engine_unavailable()
+    assert reason.startswith("cuda-bindings is not installed") and "pip install 'cuda-bindings>=12.9.2,<13'" in reason
+    row = next(r for r in doctor() if r["backend"] == "tensorrt")
+    assert row["usable"] is False and row["note"] == reason and row["version"] == "10.7.0.23"
+    standin(cuda={"count_error": CudaError.cudaErrorInsufficientDriver})
+    assert "cudaErrorInsufficientDriver: no usable NVIDIA GPU" in engine_unavailable()
+    standin(cuda={"devices": 0})
+    assert engine_unavailable().startswith("no CUDA GPU visible")
+    standin()
+    assert engine_unavailable() is None
+
+
+def test_real_cuda_bindings_without_a_driver_is_backend_unavailable():
+    """The real package (dev extra), not a stand-in: on a machine without an NVIDIA driver, exit 3 and why."""
+    rt = pytest.importorskip("cuda.bindings.runtime")
+    if int(rt.cudaGetDeviceCount()[0]) == 0:
+        pytest.skip("a CUDA driver and GPU are here")
+    with pytest.raises(BackendUnavailable, match="no usable NVIDIA GPU and driver here"):
+        query_gpu()
+
+
+def test_handoff_line_uses_only_trtexec_10_and_11_flags():
+    dynamic = ["batch", 3, 224, 224]
+    fp32 = handoff("no GPU", dynamic, "fp32", EngineOptions())
+    line = fp32.split("or `")[1].rstrip("`")
+    assert line == (
+        "trtexec --onnx={dir}/model.onnx --saveEngine={dir}/model.engine --stronglyTyped --noTF32"
+        " --memPoolSize=workspace:4096M --builderOptimizationLevel=3 --minShapes=input:1x3x224x224"
+        " --optShapes=input:16x3x224x224 --maxShapes=input:64x3x224x224"
+    )
+    fp16 = handoff(
+        "no GPU", [8, 3, 224, 224], "fp16", EngineOptions(version_compatible=True, hardware_compat="same-cc")
+    )
+    assert "--noTF32" not in fp16 and "Shapes=" not in fp16
+    assert "--versionCompatible --hardwareCompatibilityLevel=sameComputeCapability" in fp16
+    # Flags both trtexec 10.x and 11.x parse (11.x removed --fp16/--int8/--best; precision lives in the ONNX).
+    valid = {
+        "--onnx", "--saveEngine", "--stronglyTyped", "--noTF32", "--memPoolSize", "--builderOptimizationLevel",
+        "--minShapes", "--optShapes", "--maxShapes", "--versionCompatible", "--hardwareCompatibilityLevel",
+    }  # fmt: skip
+    for text in (fp32, fp16):
+        flags = {w.split("=")[0] for w in text.split("`")[3].split() if w.startswith("--")}
+        assert flags <= valid, flags - valid
+
+
+@no_engine_here
+def test_fp32_convert_without_tensorrt_hands_off_with_no_tf32(digits_ckpt, digits_dirs, tmp_path):
+    out = tmp_path / "fp32"
+    args = ["--imgsz", "64", "--crop-pct", "1.0", "--interpolation", "bilinear", "--data", str(digits_dirs[1])]
+    code, stdout, stderr = cli("convert", str(digits_ckpt), "-t", "tensorrt", "-p", "fp32", *args, "-o", str(out))
+    assert code == 3 and stdout == ""
+    error = next(line for line in stderr.splitlines() if line.startswith("error:"))
+    assert f"trtexec --onnx={out}/model.onnx" in error and "--stronglyTyped --noTF32" in error
+
+
+def test_tensorrt_extra_is_a_cuda_specific_wheel_and_cuda_bindings():
+    tomllib = pytest.importorskip("tomllib")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    reqs = {Requirement(r).name: Requirement(r).specifier for r in extras["tensorrt"]}
+    assert set(reqs) == {"tensorrt-cu12", "cuda-bindings"}  # not the `tensorrt` metapackage (-> cu13 from 10.13.3)
+    assert all(v in reqs["tensorrt-cu12"] for v in ("10.7.0", "10.16.1.11", "11.4.0.106"))
+    assert "12.0.0" not in reqs["tensorrt-cu12"] and "10.6.0" not in reqs["tensorrt-cu12"]
+    assert str(reqs["cuda-bindings"]) == str(Requirement(CUDA_BINDINGS["12"]).specifier)
+    # CI cannot install TensorRT (its -libs wheel comes from pypi.nvidia.com): never in all/dev.
+    assert not any("tensorrt" in r for name in ("all", "dev") for r in extras[name])
+    dev = {Requirement(r).name: str(Requirement(r).specifier) for r in extras["dev"]}
+    assert dev["cuda-bindings"] == str(reqs["cuda-bindings"])
+
+
+def test_gpu_check_script_dry_run_exits_3_with_one_line():
+    if NO_GPU is None:
+        pytest.skip("TensorRT and a GPU are here: the dry run would pass")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "tensorrt_check.py"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 3, result.stderr
+    assert result.stdout == "" and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tensorrt_check: cannot run here:"), lines
+
+
+def load_check_script():
+    spec = importlib.util.spec_from_file_location("tensorrt_check", ROOT / "benchmarks" / "tensorrt_check.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_gpu_check_script_plans_fnexports_own_flags(standin, tmp_path, monkeypatch, capsys):
+    """With the stand-ins (TensorRT and a GPU "present") and a trtexec path, the dry run lists its commands."""
+    standin()
+    monkeypatch.setenv("TRTEXEC", "/opt/x/trtexec")
+    assert load_check_script().main(["--dry-run", "--out", str(tmp_path / "c"), "--batch", "1,8"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    ckpt = tmp_path / "c" / "fasternet_t0_digits.pth"
+    assert sum(f" convert {ckpt} -t tensorrt -p " in ln and "--dynamic" in ln for ln in lines) == 2
+    builds = [ln for ln in lines if ln.startswith("/opt/x/trtexec --onnx=")]
+    assert len(builds) == 2 and all("--stronglyTyped" in ln and "--skipInference" in ln for ln in builds)
+    assert all("--noTF32" not in ln and "--minShapes=input:1x3x64x64" in ln for ln in builds)
+    assert sum("--loadEngine=" in ln and "--shapes=input:8x3x64x64" in ln for ln in lines) == 2
+    assert not (tmp_path / "c").exists()  # a dry run writes nothing
+
+
+def test_gpu_check_script_reads_trtexec_summary():
+    # The summary's format, from trtexec's sampleReporting.cpp (TensorRT 10.7 to 11.1).
+    text = (
+        "[12/01/2026-10:00:00] [I] === Performance summary ===\n"
+        "[12/01/2026-10:00:00] [I] Throughput: 1234.5 qps\n"
+        "[12/01/2026-10:00:00] [I] Latency: min = 0.7 ms, max = 1.2 ms, mean = 0.81 ms, median = 0.8 ms, "
+        "percentile(90%) = 0.9 ms, percentile(95%) = 1 ms, percentile(99%) = 1.1 ms\n"
+        "[12/01/2026-10:00:00] [I] GPU Compute Time: min = 0.5 ms, max = 0.9 ms, mean = 0.61 ms, median = 0.6 ms, "
+        "percentile(90%) = 0.7 ms, percentile(95%) = 0.8 ms, percentile(99%) = 0.85 ms\n"
+    )
+    assert load_check_script().trtexec_numbers(text) == {"qps": 1234.5, "latency_ms": 0.8, "compute_ms": 0.6}
