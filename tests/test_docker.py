@@ -27,6 +27,7 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 EXTRAS = PYPROJECT["project"]["optional-dependencies"]
 # Distributions a base image brings that CI's venv cannot have (the TensorRT wheel needs NVIDIA's image).
 FROM_BASE_IMAGE = {"tensorrt": "nvcr.io/nvidia/tensorrt"}
+TENSORRT_DOCKERFILE = ROOT / "docker" / "tensorrt" / "Dockerfile"
 
 
 def constraints() -> dict[str, str]:
@@ -115,10 +116,17 @@ def test_hadolint_finds_nothing(dockerfile):
     assert findings == [], "\n".join(f"{f['line']}: {f['code']} {f['message']}" for f in findings)
 
 
+def build_args(path: Path) -> dict[str, str]:
+    """ARG name -> default value (the base image of a FROM ${ARG})."""
+    return dict(arg.split("=", 1) for arg in instructions(path, "ARG") if "=" in arg)
+
+
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=IDS)
 def test_base_image_is_pinned(dockerfile):
+    args = build_args(dockerfile)
     for image in instructions(dockerfile, "FROM"):
-        name = image.split()[0]
+        # A base given as a build argument must default to a pinned image too.
+        name = re.sub(r"\$\{?(\w+)\}?", lambda m: args.get(m.group(1), m.group(0)), image.split()[0])
         tag = name.rsplit(":", 1)[1] if ":" in name.rsplit("/", 1)[-1] else ""
         assert "@sha256:" in name or re.search(r"\d", tag), f"{dockerfile}: FROM {name} has no version tag"
         assert tag != "latest"
@@ -160,7 +168,8 @@ def test_extras_exist_and_cover_what_doctor_requires(dockerfile):
     for cmd in doctors + [shlex.split(" ".join(json.loads(c))) for c in instructions(dockerfile, "CMD")]:
         if "--require" in cmd:
             for backend in cmd[cmd.index("--require") + 1].split(","):
-                assert backends()[backend] in extras, (
+                from_base = backend in FROM_BASE_IMAGE and FROM_BASE_IMAGE[backend] in dockerfile.read_text()
+                assert backends()[backend] in extras or from_base, (
                     f"{dockerfile}: requires {backend} but installs no [{backends()[backend]}]"
                 )
 
@@ -227,3 +236,15 @@ def test_build_time_checks_pass_here(dockerfile):
                 assert (params["precision"] or "fp32") in target.precisions
         checked += 1
     assert checked
+
+
+def test_tensorrt_base_image_is_a_build_argument():
+    """The 10.x container by default; another (an 11.x one) with --build-arg, documented beside it."""
+    assert build_args(TENSORRT_DOCKERFILE)["TENSORRT_IMAGE"] == "nvcr.io/nvidia/tensorrt:24.12-py3"
+    assert instructions(TENSORRT_DOCKERFILE, "FROM") == ["${TENSORRT_IMAGE}"]
+    for doc in (TENSORRT_DOCKERFILE, ROOT / "docker" / "README.md"):
+        assert "--build-arg TENSORRT_IMAGE=nvcr.io/nvidia/tensorrt:26.06-py3" in doc.read_text(), doc
+    # The image's own TensorRT: the [tensorrt] extra (tensorrt-cu12 from PyPI) would install a second one.
+    extras = [e for _, reqs in pip_installs(TENSORRT_DOCKERFILE) for r in reqs for e in local_extras(r) or []]
+    assert "tensorrt" not in extras
+    assert any("cuda-bindings" in reqs for _, reqs in pip_installs(TENSORRT_DOCKERFILE))
