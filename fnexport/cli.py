@@ -215,10 +215,10 @@ def build_engine_command(
     workspace: Annotated[float, typer.Option(help="Builder workspace limit, GiB.")] = 4.0,
     opt_level: Annotated[int, typer.Option(help="Builder optimization level 0-5 (TensorRT default 3).")] = 3,
     version_compatible: Annotated[
-        bool, typer.Option("--version-compatible", help="Engine loads on later TensorRT releases of the same major.")
+        bool, typer.Option("--version-compatible", help="Engine loads on newer TensorRT (same major; 10 on 11).")
     ] = False,
     hardware_compat: Annotated[
-        str, typer.Option(help="none, ampere+ (any sm 8.0+ GPU) or same-cc (same compute capability).")
+        str, typer.Option(help="none, ampere+ (any sm 8.0+ GPU) or same-cc (same compute capability, TensorRT 10.9+).")
     ] = "none",
     timing_cache: Annotated[
         Path | None, typer.Option(help="Timing cache file, read and updated (default: fnexport's cache).")

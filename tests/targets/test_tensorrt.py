@@ -25,7 +25,7 @@ from fnexport.errors import BackendUnavailable, BadInput, FnexportError
 from fnexport.manifest import sha256_artifact
 from fnexport.model.checkpoint import load_checkpoint
 from fnexport.recipes import Recipe
-from fnexport.targets import tensorrt_plan
+from fnexport.targets import tensorrt_cuda, tensorrt_plan
 from fnexport.targets.onnx import OrtRunner
 from fnexport.targets.tensorrt import (
     ENGINE,
@@ -544,6 +544,10 @@ def test_missing_cuda_bindings_names_the_pip_line(standin, monkeypatch):
     assert reason.startswith("cuda-bindings is not installed") and "pip install 'cuda-bindings>=12.9.2,<13'" in reason
     row = next(r for r in doctor() if r["backend"] == "tensorrt")
     assert row["usable"] is False and row["note"] == reason and row["version"] == "10.7.0.23"
+    cu13 = {"tensorrt-cu13": "11.4.0.106"}  # the hint follows the installed TensorRT wheel's CUDA major
+    real_version = tensorrt_cuda.importlib.metadata.version
+    monkeypatch.setattr(tensorrt_cuda.importlib.metadata, "version", lambda name: cu13.get(name) or real_version(name))
+    assert "pip install 'cuda-bindings>=13.0,<14' (matches tensorrt-cu13)" in engine_unavailable()
     standin(cuda={"count_error": CudaError.cudaErrorInsufficientDriver})
     assert "cudaErrorInsufficientDriver: no usable NVIDIA GPU" in engine_unavailable()
     standin(cuda={"devices": 0})
