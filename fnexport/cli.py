@@ -90,7 +90,8 @@ def _emit(obj: Any, as_json: bool, text: str) -> None:
 def convert_command(
     ckpt: Ckpt,
     target: Annotated[
-        str | None, typer.Option("--target", "-t", help="onnx (default), openvino, tensorrt, coreml, onnx-arm.")
+        str | None,
+        typer.Option("--target", "-t", help="onnx (default), openvino, tensorrt, coreml, onnx-arm, executorch, ncnn."),
     ] = None,
     precision: Annotated[
         str | None, typer.Option("--precision", "-p", help="fp32 (default), fp16, bf16, int8 ... as the target offers.")

@@ -8,6 +8,7 @@ import platform
 import sys
 
 from fnexport.targets import TARGETS
+from fnexport.targets.executorch import torch_mismatch
 from fnexport.targets.tensorrt import engine_unavailable
 
 # What every target needs before its own packages: the model and the graph every target starts from.
@@ -47,6 +48,8 @@ def doctor() -> list[dict]:
             row["version"] = row["version"] or getattr(sys.modules.get("tensorrt"), "__version__", None)
             if why is not None:
                 row["usable"], row["note"] = False, why
+        if package == "executorch" and row["installed"] and torch_mismatch():
+            row["usable"], row["note"] = False, torch_mismatch()
         if package == "coremltools" and row["installed"] and platform.system() != "Darwin":
             row["note"] = "converts here; Core ML prediction needs macOS"
         rows.append(row)

@@ -111,6 +111,17 @@ class Recipe(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _ncnn_has_no_int8_tools(self) -> Recipe:
+        # Before the calibration check below: no calibration set would help.
+        if (self.target, self.precision) == ("ncnn", "int8"):
+            raise ValueError(
+                "--target ncnn offers fp32 and fp16 only: ncnn's INT8 tools (ncnn2table, ncnn2int8) are not in "
+                "the ncnn or pnnx wheels. Convert to fp32 here, then run those tools from an ncnn source build "
+                "(tools/quantize) on the .param/.bin; or use --target executorch --precision int8 for phones"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _int8_needs_data(self) -> Recipe:
         # Calibration data decides INT8 accuracy; choosing a set for the user would hide that choice.
         if self.precision == "int8" and self.target != "coreml" and not self.calib:

@@ -18,7 +18,14 @@ LAYERS = (
     ("release", "demo"),
     ("conversion", "gate", "bench", "inspection", "doctor", "engine"),
     ("targets",),  # the registry, TARGETS
-    ("targets.coreml", "targets.onnx_arm", "targets.openvino", "targets.tensorrt"),
+    (
+        "targets.coreml",
+        "targets.onnx_arm",
+        "targets.openvino",
+        "targets.tensorrt",
+        "targets.executorch",
+        "targets.ncnn",
+    ),
     (
         "targets.onnx",
         "targets.coreml_package",

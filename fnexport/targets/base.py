@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
+import torch
 
 from fnexport.comparison import labels_for, reference
 from fnexport.data import DEFAULT_DATA, PARITY_SEED, ImageSet, load_images
+from fnexport.errors import BadInput
 from fnexport.model.checkpoint import Checkpoint
 from fnexport.model.fasternet import FasterNet
 from fnexport.model.reparam import reparameterize
@@ -51,6 +53,18 @@ class Target(Protocol):
 def parity_images(recipe: Recipe) -> ImageSet:
     """The images convert checks parity on (and `build-engine` again, later, on the GPU host)."""
     return load_images(recipe.parity_data or DEFAULT_DATA, recipe.pre(), recipe.parity_samples, seed=PARITY_SEED)
+
+
+def require_classifier(model: torch.nn.Module, example: torch.Tensor, target: str) -> None:
+    """Refuse, before converting, a model whose forward is not one (batch, classes) logits tensor."""
+    with torch.no_grad():
+        out = model(example)
+    if not (isinstance(out, torch.Tensor) and out.ndim == 2):
+        shapes = [tuple(o.shape) for o in out] if isinstance(out, (list, tuple)) else type(out).__name__
+        raise BadInput(
+            f"--target {target} ships classifiers (one logits tensor, batch x classes); this model returns "
+            f"{shapes}: backbones are not supported by this target"
+        )
 
 
 class Source:

@@ -12,7 +12,7 @@ def _logits(model, x):
         return model.eval()(x).numpy()
 
 
-@pytest.mark.parametrize("form", ["split_cat", "slicing"])
+@pytest.mark.parametrize("form", ["split_cat", "slicing", "slice_cat"])
 def test_folded_matches_original(t0_model, form):
     x = torch.randn(4, 3, 96, 96, generator=torch.Generator().manual_seed(0))
     ref = _logits(t0_model, x)
@@ -45,3 +45,13 @@ def test_slicing_keeps_the_shortcut_intact(t0_model):
     a = _logits(reparameterize(t0_model, "slicing"), x)
     b = _logits(reparameterize(t0_model, "split_cat"), x)
     assert np.abs(a - b).max() < 1e-5
+
+
+def test_slice_cat_is_split_cat_and_changes_no_checkpoint_key(t0_model):
+    """slice_cat (ExecuTorch's form) computes split_cat exactly; a form is forward-only, never a state_dict change."""
+    x = torch.randn(2, 3, 64, 64)
+    a, b = reparameterize(t0_model, "slice_cat"), reparameterize(t0_model, "split_cat")
+    assert np.array_equal(_logits(a, x), _logits(b, x))
+    assert a.state_dict().keys() == b.state_dict().keys()
+    with pytest.raises(ValueError, match="slice_cat"):
+        a.set_pconv_form("slice-cat")
