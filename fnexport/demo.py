@@ -77,6 +77,8 @@ DEMO_JOBS = (
     ("tensorrt", "int8"),
     ("coreml", "fp16"),
     ("onnx-arm", "int8"),
+    ("executorch", "int8"),
+    ("ncnn", "fp16"),
 )
 
 

@@ -100,6 +100,7 @@ def _write(tmp_path, name, data):
         ({"target": "onnx", "imgsz": "big"}, "imgsz:"),
         ({"target": "onnx", "imgsz": 200}, "imgsz: 200 is not a multiple of 32"),
         ({"target": "onnx", "precision": "int8"}, "int8 needs calibration images"),
+        ({"target": "ncnn", "precision": "int8", "calib": "embedded:natural"}, "INT8 tools (ncnn2table, ncnn2int8)"),
         ({"target": "coreml", "precision": "int4", "deployment_target": "iOS16"}, "int4 weights need iOS18"),
         ({"target": "openvino", "deployment_target": "iOS18"}, "deployment_target applies only to --target coreml"),
         ({"precision": "fp32"}, "target: required"),
