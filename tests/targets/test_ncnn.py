@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 
 import pytest
 import torch
@@ -76,7 +77,8 @@ def test_batch_is_refused(layouts, tmp_path):
 
 
 def trace(module: torch.nn.Module, work, shape=(1, 3, 8, 8)):
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.trace's deprecation: pnnx reads TorchScript
         torch.jit.trace(module.eval(), torch.zeros(shape)).save(str(work / "model.pt"))
     return target.pnnx_command(pnnx.EXEC_PATH, work / "model.pt", work, list(shape), fp16=False)
 
