@@ -224,7 +224,7 @@ def artifact_configs(
     configs, skipped = [], []
     for b in batches:
         if runner.batch not in (None, b):
-            reason = f"artifact has a fixed batch of {runner.batch}; convert with --dynamic or --batch {b}"
+            reason = f"artifact has a fixed batch of {runner.batch}; convert with --batch {b} or --dynamic where {target.name} offers them"
             skipped.append(base | {"batch": b, "skipped": reason})
             continue
         x = random_batch(group.imgsz, b)
