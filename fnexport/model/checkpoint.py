@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import pickle
 import re
+import struct
+import types
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +19,8 @@ import torch
 from torch import nn
 
 from fnexport.console import log
-from fnexport.errors import BadInput
-from fnexport.model.fasternet import VARIANTS, FasterNet, FasterNetConfig, default_act
+from fnexport.errors import BadInput, what_is
+from fnexport.model.fasternet import ACTS, VARIANTS, FasterNet, FasterNetConfig, default_act
 
 # Wrappers training frameworks put around the weights, in the order we look for them.
 WRAPPER_KEYS = ("state_dict", "model", "ema", "model_ema", "state_dict_ema", "module")
@@ -66,6 +70,24 @@ PDPARAMS_GLOBALS = {
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
 }
+# torch.save(..., _use_new_zipfile_serialization=False) starts with this number pickled (torch/serialization.py).
+TORCH_LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+# Files people pass by mistake, by suffix: named as what they are (never sent to the unpickler's advice).
+NOT_CHECKPOINTS = {
+    ".onnx": "an ONNX model (an exported artifact, not a training checkpoint)",
+    ".ort": "an ONNX Runtime model (an exported artifact)",
+    ".xml": "an OpenVINO IR or other XML file",
+    ".engine": "a TensorRT engine",
+    ".plan": "a TensorRT engine",
+    ".mlmodel": "a Core ML model",
+    ".tflite": "a TensorFlow Lite model",
+    ".pte": "an ExecuTorch program",
+    ".h5": "a Keras/HDF5 file",
+    ".npz": "a numpy archive",
+    ".npy": "a numpy array",
+}
+# Damaged weights: the first one found is named (the artifact would inherit it and parity would blame the artifact).
+BN_VAR = "running_var"
 
 
 @dataclass
@@ -98,6 +120,7 @@ def sha256_file(path: Path) -> str:
 def load_checkpoint(spec: str | Path, act: str | None = None, unsafe_load: bool = False) -> Checkpoint:
     """Load a checkpoint file, or build a randomly initialised model from a variant name."""
     spec = str(spec)
+    act = check_act(act)
     if spec in VARIANTS and not Path(spec).exists():
         cfg = VARIANTS[spec]
         if act:
@@ -110,16 +133,37 @@ def load_checkpoint(spec: str | Path, act: str | None = None, unsafe_load: bool 
         raise BadInput(f"{path}: is a folder; give the checkpoint file in it (.pth, .pt, .ckpt, .pdparams)")
     if not path.is_file():
         known = ", ".join(VARIANTS)
-        raise BadInput(f"{path}: no such file (give a checkpoint path or a variant name: {known})")
+        raise BadInput(f"{path}: {what_is(path)} (give a checkpoint path or a variant name: {known})")
     if path.stat().st_size == 0:
         raise BadInput(f"{path}: the file is empty; re-copy or re-save the checkpoint")
-    obj = _read(path, unsafe_load)
-    labels = _labels(obj)
+    obj, file_labels = _read(path, unsafe_load)
     state, layout = _state_dict(obj, path)
+    check_tensors(state, path)
     cfg = infer_config(state, path, act)
     if layout.startswith("paddle"):
         cfg = dataclasses.replace(cfg, post_norm_act=True)
+    # Shapes are checked on a weightless model first: a checkpoint whose stem claims a huge width cannot
+    # make fnexport allocate a model its file does not hold.
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "copying into a meta parameter is a no-op": that is the point
+        _fit(FasterNet(cfg), state, path, layout)
     model = FasterNet(cfg)
+    _fit(model, state, path, layout)
+    labels = _checked_labels(file_labels if file_labels is not None else _labels(obj), cfg.num_classes, path)
+    return Checkpoint(model.eval(), cfg, str(path), sha256_file(path), layout, labels)
+
+
+def check_act(act: str | None) -> str | None:
+    """--act is gelu or relu, exactly as the manifest records it; anything else is bad input, named."""
+    if act is None:
+        return None
+    if act not in ACTS:
+        hint = f"did you mean {act.lower()}? " if str(act).lower() in ACTS else ""
+        raise BadInput(f"--act {act}: {hint}FasterNet uses {' or '.join(ACTS)} (lowercase)")
+    return act
+
+
+def _fit(model: FasterNet, state: dict[str, torch.Tensor], path: Path, layout: str) -> None:
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as err:
@@ -127,23 +171,100 @@ def load_checkpoint(spec: str | Path, act: str | None = None, unsafe_load: bool 
         raise BadInput(f"{path}: weights do not fit a FasterNet ({'; '.join(shapes[:2]) or err})") from None
     if result.missing_keys or result.unexpected_keys:
         raise BadInput(f"{path}: {layout} layout does not match a FasterNet: {_summary(result)}")
-    return Checkpoint(model.eval(), cfg, str(path), sha256_file(path), layout, labels)
 
 
-def _read(path: Path, unsafe_load: bool) -> object:
-    if _is_pdparams(path):
-        return _read_pdparams(path)
+def check_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Damaged weights are the checkpoint's fault, named here: NaN/Inf anywhere, a negative BatchNorm variance,
+    an empty tensor (a 0-class head). Otherwise parity would blame a faithful artifact."""
+    for key, value in state.items():
+        if value.numel() == 0:
+            raise BadInput(f"{path}: {key} is empty (shape {list(value.shape)}); a FasterNet has no empty layers")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise BadInput(
+                f"{path}: {key} holds {bad} NaN/Inf value(s); the checkpoint is damaged (diverged training?), "
+                "use an earlier one"
+            )
+        if key.endswith(BN_VAR) and value.is_floating_point() and bool((value < 0).any()):
+            raise BadInput(
+                f"{path}: {key} has negative values, which a BatchNorm variance cannot have; the checkpoint is damaged"
+            )
+
+
+def _checked_labels(labels: list[str] | None, num_classes: int, path: Path) -> list[str] | None:
+    """Class names stored in the checkpoint, if they fit its head; otherwise ignored with a warning.
+
+    Ignored, not refused: the weights are fine, names are optional, and --labels FILE replaces them."""
+    if labels is None:
+        return None
+    if len(labels) != num_classes or len(set(labels)) != len(labels) or not all(labels):
+        log.warning(
+            "%s: its %d stored labels do not name its %d classes one-to-one; ignoring them (give --labels FILE)",
+            path,
+            len(labels),
+            num_classes,
+        )
+        return None
+    return labels
+
+
+def _read(path: Path, unsafe_load: bool) -> tuple[object, list[str] | None]:
+    """The unpickled (or safetensors) content and any labels stored beside the weights outside the pickle."""
+    if path.suffix == ".pdparams":
+        return _read_pdparams(path), None
+    with open(path, "rb") as f:
+        head = f.read(64)
     if zipfile.is_zipfile(path):
         # Damage inside the pickle reads as "unsupported global" to the safe unpickler, whose advice
         # (--unsafe-load) would be wrong here: the zip's CRCs tell corruption apart (~15 ms for T0).
         with zipfile.ZipFile(path) as zf:
             bad = zf.testzip()
+            pickled = any(n.endswith("data.pkl") for n in zf.namelist())
         if bad is not None:
             raise BadInput(f"{path}: corrupted ({bad} fails its CRC check); re-copy or re-save the checkpoint")
+        if not pickled:
+            raise BadInput(f"{path}: {_what(path, head) or 'a zip archive'}, not a PyTorch checkpoint (no data.pkl)")
+        return _torch_load(path, unsafe_load), None
+    if _is_safetensors(path, head):
+        return _read_safetensors(path)
+    if head.startswith(b"\x80"):  # a bare pickle: torch's legacy format, or Paddle's arrays
+        if TORCH_LEGACY_MAGIC in head[:32]:
+            return _torch_load(path, unsafe_load, legacy=True), None
+        return _read_pdparams(path), None
+    if head.startswith(b"PK\x03\x04"):
+        raise BadInput(f"{path}: truncated or not a PyTorch checkpoint (a zip without its directory); re-copy it")
+    what = _what(path, head) or "not a PyTorch checkpoint (.pth/.pt/.ckpt), safetensors or Paddle file"
+    raise BadInput(f"{path}: {what}; give the checkpoint the model was trained into")
+
+
+def _what(path: Path, head: bytes) -> str | None:
+    """What a non-checkpoint file is, from its suffix or first bytes, if recognisable."""
+    if path.suffix.lower() in NOT_CHECKPOINTS:
+        return "is " + NOT_CHECKPOINTS[path.suffix.lower()]
+    if head.startswith(b"\x89PNG") or head.startswith(b"\xff\xd8\xff"):
+        return "is an image"
+    if head.lstrip().startswith((b"{", b"[")):
+        return "is JSON text"
     try:
-        return torch.load(path, map_location="cpu", weights_only=not unsafe_load)
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return "is text"
+
+
+def _torch_load(path: Path, unsafe_load: bool, legacy: bool = False) -> object:
+    if legacy and not unsafe_load:
+        # torch's weights-only unpickler reads only pickle protocol 2 (legacy files written with protocol 4 fail
+        # on its FRAME opcode); the standard unpickler restricted to the same safe globals reads every protocol.
+        kwargs: dict = {"weights_only": False, "pickle_module": _RESTRICTED_PICKLE}
+    else:
+        kwargs = {"weights_only": not unsafe_load}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", **kwargs)
     except pickle.UnpicklingError as err:
-        if "weights_only" in str(err) or "Weights only load failed" in str(err):
+        if isinstance(err, _Refused) or "weights_only" in str(err) or "Weights only load failed" in str(err):
             first = str(err).split("Please file an issue")[0].strip().splitlines()
             why = next((ln.strip() for ln in first if "GLOBAL" in ln or "Unsupported" in ln), "")
             raise BadInput(
@@ -158,17 +279,55 @@ def _read(path: Path, unsafe_load: bool) -> object:
         ) from None
 
 
-def _is_pdparams(path: Path) -> bool:
-    """A Paddle parameter file: by name, or a bare pickle of protocol 3+ (torch's legacy format uses 2)."""
-    if path.suffix == ".pdparams":
-        return True
-    with open(path, "rb") as f:
-        head = f.read(2)
-    return len(head) == 2 and head[0] == 0x80 and head[1] >= 3 and not zipfile.is_zipfile(path)
+def _is_safetensors(path: Path, head: bytes) -> bool:
+    """safetensors: an 8-byte little-endian header length, then that many bytes of JSON."""
+    if len(head) < 10 or head[8:9] != b"{":
+        return False
+    return 2 <= struct.unpack("<Q", head[:8])[0] <= path.stat().st_size - 8
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], list[str] | None]:
+    """The tensors of a .safetensors file (no code can run: it holds only a JSON header and raw data), and class
+    names if its metadata holds a JSON list under labels/class_names/classes."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise BadInput(f"{path}: truncated or not a safetensors file ({str(err)[:120]}); re-copy it") from None
+    labels = None
+    for key in LABEL_KEYS:
+        if key in meta:
+            try:
+                value = json.loads(meta[key])
+            except json.JSONDecodeError:
+                value = None
+            labels = list(value) if isinstance(value, list) and all(isinstance(v, str) for v in value) else None
+            break
+    return state, labels
 
 
 class _Refused(pickle.UnpicklingError):
-    """The pickle names a global outside PDPARAMS_GLOBALS."""
+    """The pickle names a global outside the allowed ones."""
+
+
+class _SafeGlobalsUnpickler(pickle.Unpickler):
+    """Python's unpickler, resolving only the globals torch's weights-only loader allows (tensors, storages)."""
+
+    def find_class(self, module: str, name: str) -> object:
+        allowed = torch._weights_only_unpickler._get_allowed_globals()
+        obj = allowed.get(f"{module}.{name}")
+        if obj is None:
+            raise _Refused(f"Unsupported global: GLOBAL {module}.{name}")
+        return obj
+
+
+# torch.load(pickle_module=...) reads legacy files through this module's Unpickler and load().
+_RESTRICTED_PICKLE = types.ModuleType("fnexport_restricted_pickle")
+_RESTRICTED_PICKLE.Unpickler = _SafeGlobalsUnpickler  # type: ignore[attr-defined]
+_RESTRICTED_PICKLE.load = lambda f, **kw: _SafeGlobalsUnpickler(f, **kw).load()  # type: ignore[attr-defined]
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -214,10 +373,15 @@ def _labels(obj: object) -> list[str] | None:
     return None
 
 
+# Wrappers nest a few levels at most ({"state_dict": {"model": {"module": ...}}}); a pickle can even hold a dict
+# that contains itself, so unwrapping stops after this many levels instead of looping.
+MAX_WRAPPERS = 8
+
+
 def _state_dict(obj: object, path: Path) -> tuple[dict[str, torch.Tensor], str]:
     """Unwrap, strip prefixes and remap to official keys; returns the state dict and the layout name."""
     wrappers: list[str] = []
-    while True:
+    for _ in range(MAX_WRAPPERS + 1):
         if isinstance(obj, nn.Module):
             wrappers.append("pickled module")
             obj = obj.state_dict()
@@ -235,16 +399,20 @@ def _state_dict(obj: object, path: Path) -> tuple[dict[str, torch.Tensor], str]:
             )
         wrappers.append(key)
         obj = obj[key]
-    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor) and not k.startswith(IGNORE_PREFIXES)}
+    else:
+        raise BadInput(f"{path}: weights wrapped more than {MAX_WRAPPERS} levels deep ({' > '.join(wrappers[:4])} ...)")
+    state = {
+        k: v
+        for k, v in obj.items()
+        if isinstance(k, str) and isinstance(v, torch.Tensor) and not k.startswith(IGNORE_PREFIXES)
+    }
     ignored = len(obj) - len(state)
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in STRIP_PREFIXES:
-            if all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix) :]: v for k, v in state.items()}
-                wrappers.append(prefix.rstrip("."))
-                stripped = True
+    if not state:
+        raise BadInput(f"{path}: no student weights: every tensor is under {', '.join(IGNORE_PREFIXES)} (ignored)")
+    # Each pass shortens every key, so this ends; and an empty dict (every key ignored) has no prefix to strip.
+    while state and (prefix := next((p for p in STRIP_PREFIXES if all(k.startswith(p) for k in state)), None)):
+        state = {k[len(prefix) :]: v for k, v in state.items()}
+        wrappers.append(prefix.rstrip("."))
     layout = "official"
     if "state_dict" in wrappers and "model" in wrappers:
         layout = "lightning"
@@ -287,21 +455,34 @@ def infer_config(state: dict[str, torch.Tensor], path: Path, act: str | None) ->
     """Read width, depths, n_div, mlp ratio, head and classes off tensor shapes."""
     try:
         stem = state["patch_embed.proj.weight"]
+        if stem.dim() != 4:
+            raise BadInput(f"{path}: patch_embed.proj.weight has shape {list(stem.shape)}, not a 4-D conv weight")
         embed_dim, in_chans = stem.shape[0], stem.shape[1]
-        depths: dict[int, int] = {}
+        blocks: dict[int, set[int]] = {}
         for key in state:
             m = re.match(r"stages\.(\d+)\.blocks\.(\d+)\.", key)
             if m:
-                stage, block = int(m[1]), int(m[2])
-                depths[stage] = max(depths.get(stage, 0), block + 1)
-        if sorted(depths) != list(range(0, 2 * len(depths), 2)):
-            raise KeyError(f"stages {sorted(depths)} are not 0, 2, 4, ...")
+                blocks.setdefault(int(m[1]), set()).add(int(m[2]))
+        if sorted(blocks) != list(range(0, 2 * len(blocks), 2)):
+            raise KeyError(f"stages {sorted(blocks)} are not 0, 2, 4, ...")
+        # The model is built with as many blocks as the keys name: they must be 0..n-1, so a key such as
+        # blocks.100000 cannot make fnexport build 100001 blocks.
+        gaps = {stage: ids for stage, ids in blocks.items() if ids != set(range(len(ids)))}
+        if gaps:
+            stage, ids = next(iter(gaps.items()))
+            raise BadInput(f"{path}: stage {stage} has blocks {sorted(ids)[:6]}..., not 0..{len(ids) - 1}")
+        depths = {stage: len(ids) for stage, ids in blocks.items()}
         pconv = state["stages.0.blocks.0.spatial_mixing.partial_conv3.weight"].shape[0]
         hidden = state["stages.0.blocks.0.mlp.0.weight"].shape[0]
         feature_dim = state["avgpool_pre_head.1.weight"].shape[0]
         num_classes = state["head.weight"].shape[0]
     except KeyError as err:
         raise BadInput(f"{path}: not a FasterNet classifier checkpoint (missing {err})") from None
+    if in_chans != 3:
+        raise BadInput(
+            f"{path}: the stem takes {in_chans} input channel(s); fnexport feeds RGB images (3 channels), "
+            "so only 3-channel FasterNets convert"
+        )
     if embed_dim % pconv:
         raise BadInput(f"{path}: PConv width {pconv} does not divide embed_dim {embed_dim}")
     chosen = act or default_act(embed_dim)
