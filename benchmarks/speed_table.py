@@ -31,7 +31,7 @@ from fnexport.targets import TARGETS
 VARIANTS = ("fasternet_t0", "fasternet_t1", "fasternet_t2")
 # Random weights give near-uniform logits, so reduced-precision top-1 agreement means nothing here;
 # parity is what the target tests check. FP32 keeps its absolute tolerance.
-SPEED_ONLY = Tolerance(min_cosine=-1.0, min_top1=0.0)
+SPEED_ONLY = Tolerance(min_cosine=-1.0, min_top1=0.0, max_abs_rms=1e9)
 
 
 def build(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import fnexport.manifest as mf
 from fnexport.comparison import ParityReport, check, labels_for, localize, reference, tolerance_for
 from fnexport.console import log, step
 from fnexport.data import DEFAULT_DATA, PARITY_SEED, ImageSet, Preprocess, load_images
-from fnexport.errors import BackendUnavailable, CheckFailed
+from fnexport.errors import BackendUnavailable, BadInput, CheckFailed, what_is
 from fnexport.model.checkpoint import Checkpoint
 from fnexport.recipes import Tolerance
 from fnexport.targets import get_target
@@ -122,15 +124,15 @@ def all_passed(results: list[ArtifactResult], allow_not_run: bool = False) -> bo
 def tabulate_parity(results: list[ArtifactResult], data: str) -> str:
     """A Markdown table for CI job summaries."""
     lines = [
-        f"Parity against PyTorch (original model, BatchNorm unfolded) on {data}",
+        f"{MD_TITLE} (original model, BatchNorm unfolded) on {data}",
         "",
-        "| artifact | target | precision | status | images | max abs | mean abs | max rel | cosine | top-1 | top-5 | accuracy (ref) | reason |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| artifact | target | precision | status | images | max abs | mean abs | max rel | abs/RMS | cosine | top-1 | top-5 | accuracy (ref) | reason |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         p = r.report
         if p is None:
-            cells = ["-"] * 8
+            cells = ["-"] * 9
         else:
             acc = "-" if p.accuracy is None else f"{p.accuracy:.2%} ({p.ref_accuracy:.2%})"
             cells = [
@@ -138,9 +140,10 @@ def tabulate_parity(results: list[ArtifactResult], data: str) -> str:
                 f"{p.max_abs:.2e}",
                 f"{p.mean_abs:.2e}",
                 f"{p.max_rel:.2e}",
+                f"{p.max_abs_rms:.2e}",
                 f"{p.cosine:.6f}",
-                f"{p.top1:.2%}",
-                f"{p.top5:.2%}",
+                "n/a" if p.top1 is None else f"{p.top1:.2%}",
+                "n/a" if p.top5 is None else f"{p.top5:.2%}",
                 acc,
             ]
         reason = r.reason
@@ -149,3 +152,47 @@ def tabulate_parity(results: list[ArtifactResult], data: str) -> str:
             reason += f"; first divergent layer: {first['module']} (rel error {first['rel_error']:.2e})"
         lines.append(f"| {r.dir} | {r.target} | {r.precision} | {r.status} | " + " | ".join(cells) + f" | {reason} |")
     return "\n".join(lines) + "\n"
+
+
+REPORT_SUFFIXES = (".json", ".md")
+MD_TITLE = "Parity against PyTorch"
+
+
+def check_report(path: Path) -> None:
+    """Before the gate runs: --report names a .json/.md file in an existing folder, new or an earlier report.
+
+    Never anything else: not a manifest.json, an artifact or a user's notes that happen to share the name."""
+    if path.suffix not in REPORT_SUFFIXES:
+        raise BadInput(f"--report {path}: use a .json or .md file name")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise BadInput(f"--report {path}: its folder {parent}: {what_is(parent)}; create it first")
+    if path.is_dir():
+        raise BadInput(f"--report {path}: is a folder; give a file name")
+    if path.exists() or path.is_symlink():
+        if not path.is_file():
+            raise BadInput(f"--report {path}: {what_is(path)}")
+        if not is_report(path):
+            raise BadInput(f"--report {path}: exists and is not an fnexport parity report; choose a new file name")
+
+
+def is_report(path: Path) -> bool:
+    """An earlier `fnexport parity --report` file: a JSON list of artifact results, or the Markdown table."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    if path.suffix == ".md":
+        return text.startswith(MD_TITLE)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    fields = {f.name for f in dataclasses.fields(ArtifactResult)}
+    return isinstance(data, list) and all(isinstance(r, dict) and fields <= r.keys() for r in data)
+
+
+def write_report(path: Path, results: list[ArtifactResult], table: str) -> None:
+    """The report as JSON or Markdown, whole or not at all."""
+    text = json.dumps([r.to_dict() for r in results], indent=2) + "\n" if path.suffix == ".json" else table
+    mf.write_text(path, text)
