@@ -18,10 +18,11 @@ from threadpoolctl import threadpool_limits
 
 import fnexport.manifest as mf
 from fnexport.console import log, require, step
-from fnexport.errors import BackendUnavailable, BadInput
+from fnexport.errors import BackendUnavailable, BadInput, what_is
 from fnexport.model.checkpoint import Checkpoint, load_checkpoint
 from fnexport.model.fasternet import PCONV_FORMS, FasterNet, FasterNetConfig, Partial_conv3, count
 from fnexport.model.reparam import reparameterize
+from fnexport.recipes import MAX_BATCH, MAX_IMGSZ
 from fnexport.targets import get_target
 
 DEFAULT_BATCHES = (1, 16)
@@ -35,6 +36,7 @@ ITER_ROUNDS = 10
 SETTLE_S = 0.005
 # Warm-up stops early past this, so a slow eager batch cannot eat the run's time budget.
 WARMUP_MAX_S = 1.0
+MAX_SECONDS = 3600.0
 GEMM_N = 1024
 ISA_FLAGS = (
     "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni",
@@ -77,7 +79,7 @@ def bench(
     unsafe_load: bool = False,
 ) -> dict[str, Any]:
     """Time every input (checkpoint, variant name, artifact directory or loaded Checkpoint); {"machine", "rows"}."""
-    check_options(inputs, batches, warmup, iters, seconds, imgsz)
+    check_options(inputs, batches, warmup, iters, seconds, imgsz, threads)
     seconds = DEFAULT_SECONDS if iters is None and seconds is None else seconds
     threads = threads or available_cores()
     old_threads = torch.get_num_threads()
@@ -124,18 +126,49 @@ def bench(
 
 
 def check_options(
-    inputs: list, batches: tuple[int, ...], warmup: int, iters: int | None, seconds: float | None, imgsz: int
+    inputs: list,
+    batches: tuple[int, ...],
+    warmup: int,
+    iters: int | None,
+    seconds: float | None,
+    imgsz: int,
+    threads: int | None = None,
 ) -> None:
     if iters is not None and seconds is not None:
         raise BadInput("give --iters or --seconds, not both")
     if not inputs:
         raise BadInput("give at least one checkpoint, variant name or artifact directory")
-    if not batches or min(batches) < 1:
-        raise BadInput(f"--batch {','.join(map(str, batches))}: batch sizes must be >= 1")
-    if (iters is not None and iters < 1) or (seconds is not None and seconds <= 0) or warmup < 0:
-        raise BadInput("--iters and --seconds must be positive, --warmup >= 0")
-    if imgsz < 32 or imgsz % 32:
-        raise BadInput(f"--imgsz {imgsz}: FasterNet needs a multiple of 32")
+    if not batches or min(batches) < 1 or max(batches) > MAX_BATCH:
+        raise BadInput(f"--batch {','.join(map(str, batches))}: batch sizes must be 1..{MAX_BATCH}")
+    # `not seconds > 0` also refuses nan, which no comparison would ever stop on.
+    if seconds is not None and not (0 < seconds <= MAX_SECONDS):
+        raise BadInput(f"--seconds {seconds}: give seconds per configuration in (0, {MAX_SECONDS:g}]")
+    if (iters is not None and iters < 1) or warmup < 0:
+        raise BadInput("--iters must be positive, --warmup >= 0")
+    if threads is not None and threads < 1:
+        raise BadInput(f"--threads {threads}: give a number of threads >= 1")
+    if imgsz < 32 or imgsz % 32 or imgsz > MAX_IMGSZ:
+        raise BadInput(f"--imgsz {imgsz}: FasterNet needs a multiple of 32, at most {MAX_IMGSZ}")
+
+
+# What matplotlib writes with fnexport's mark in the file's metadata, so a later --plot knows it may replace it.
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+PLOT_MARK = "fnexport bench"
+
+
+def check_plot(path: Path) -> None:
+    """Before any timing: --plot names a .png/.svg/.pdf in an existing folder, new or an earlier plot of ours."""
+    require("matplotlib", "bench")
+    if path.suffix.lower() not in PLOT_SUFFIXES:
+        raise BadInput(f"--plot {path}: use a {', '.join(PLOT_SUFFIXES)} file name")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise BadInput(f"--plot {path}: its folder {parent}: {what_is(parent)}; create it first")
+    if path.exists() or path.is_symlink():
+        if not path.is_file():
+            raise BadInput(f"--plot {path}: {what_is(path)}")
+        if PLOT_MARK.encode() not in path.read_bytes():
+            raise BadInput(f"--plot {path}: exists and is not a plot fnexport wrote; choose a new file name")
 
 
 def available_cores() -> int:
@@ -440,6 +473,8 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     ax.grid(True, linestyle="--", alpha=0.5)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    # Uncompressed metadata with fnexport's mark: check_plot finds it and lets a rerun replace the file.
+    key = "Software" if path.suffix.lower() == ".png" else "Creator"
+    fig.savefig(path, dpi=150, metadata={key: PLOT_MARK})
     plt.close(fig)
     return path

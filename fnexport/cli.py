@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
+import os
 import signal
 import sys
 import traceback
@@ -12,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from fnexport.bench import bench, plot, tabulate_speed
+from fnexport.bench import bench, check_plot, plot, tabulate_speed
 from fnexport.console import console, log, setup_logging
 from fnexport.conversion import convert
 from fnexport.data import DEFAULT_DATA, make_calibration, resolve
@@ -20,8 +23,9 @@ from fnexport.demo import run_demo
 from fnexport.doctor import doctor
 from fnexport.engine import build_engine_dir
 from fnexport.errors import BackendUnavailable, BadInput, CheckFailed, FnexportError
-from fnexport.gate import all_passed, gate, tabulate_parity
+from fnexport.gate import all_passed, check_report, gate, tabulate_parity, write_report
 from fnexport.inspection import inspect
+from fnexport.manifest import atomic_dir, check_out
 from fnexport.model.checkpoint import load_checkpoint
 from fnexport.recipes import build_recipe, builtin_recipes, load_recipe, recipe_data, tolerance_from_flags
 from fnexport.release import release
@@ -82,8 +86,20 @@ def _labels_file(path: Path, num_classes: int) -> list[str]:
     return names
 
 
+class StdoutFailed(Exception):
+    """stdout cannot be written (redirected to a full disk, /dev/full, a closed pipe)."""
+
+
+def _print(text: str) -> None:
+    """Machine output on stdout; a failed write is the user's redirection, told apart from a bug."""
+    try:
+        typer.echo(text)
+    except OSError as err:
+        raise StdoutFailed(err) from None
+
+
 def _emit(obj: Any, as_json: bool, text: str) -> None:
-    typer.echo(json.dumps(obj, indent=2, default=str) if as_json else text)
+    _print(json.dumps(obj, indent=2, default=str) if as_json else text)
 
 
 @app.command("convert")
@@ -183,7 +199,7 @@ def inspect_command(
         lines.append(f"{kind} (before -> after reparameterization):")
         for name in sorted(set(before) | set(after), key=lambda n: -before.get(n, after.get(n, 0))):
             lines.append(f"  {name:24s} {before.get(name, 0):5d} -> {after.get(name, 0):5d}")
-    typer.echo("\n".join(lines))
+    _print("\n".join(lines))
 
 
 @app.command("doctor")
@@ -281,10 +297,12 @@ def bench_command(
         batches = tuple(int(b) for b in batch.split(","))
     except ValueError:
         raise BadInput(f"--batch {batch!r}: give comma-separated integers, e.g. --batch 1,8,32") from None
+    if plot_path:
+        check_plot(plot_path)  # before minutes of timing, not after
     result = bench(inputs, batches, threads, warmup, iters, seconds, imgsz, act, unsafe_load)
+    _emit(result, as_json, tabulate_speed(result))  # the timings first: a failing plot never loses them
     if plot_path:
         plot(result, plot_path)
-    _emit(result, as_json, tabulate_speed(result))
 
 
 @app.command("parity")
@@ -299,6 +317,9 @@ def parity_command(
     atol: Annotated[float | None, typer.Option(help="Max abs logit error (overrides the precision default).")] = None,
     min_cosine: Annotated[float | None, typer.Option(help="Min per-image cosine similarity of the logits.")] = None,
     min_top1: Annotated[float | None, typer.Option(help="Min top-1 agreement with PyTorch, 0..1.")] = None,
+    max_abs_rms: Annotated[
+        float | None, typer.Option(help="Max abs logit error over the RMS of PyTorch's logits (reduced precisions).")
+    ] = None,
     allow_not_run: Annotated[
         bool, typer.Option("--allow-not-run", help="Pass artifacts whose runtime is missing here (reported NOT RUN).")
     ] = False,
@@ -311,16 +332,18 @@ def parity_command(
     as_json: Json = False,
 ) -> None:
     """Release gate: every artifact against the original PyTorch model on the same inputs; exit 1 on drift."""
-    override = tolerance_from_flags(atol=atol, min_cosine=min_cosine, min_top1=min_top1)
+    override = tolerance_from_flags(atol=atol, min_cosine=min_cosine, min_top1=min_top1, max_abs_rms=max_abs_rms)
+    if samples < 1:
+        raise BadInput(f"--samples {samples}: give a number of images >= 1")
+    if threads is not None and threads < 1:
+        raise BadInput(f"--threads {threads}: give a number of threads >= 1")
     for path in report or []:
-        if path.suffix not in (".json", ".md"):
-            raise BadInput(f"--report {path}: use a .json or .md file name")
+        check_report(path)  # before the gate runs: a bad --report must not cost the whole run
     loaded = load_checkpoint(ckpt, act=act, unsafe_load=unsafe_load)
     results = gate(loaded, artifacts, data, samples, override, localize, threads)
     table = tabulate_parity(results, data or DEFAULT_DATA)
     for path in report or []:
-        text = json.dumps([r.to_dict() for r in results], indent=2) if path.suffix == ".json" else table
-        path.write_text(text + ("\n" if path.suffix == ".json" else ""))
+        write_report(path, results, table)
     console.print(table, markup=False, highlight=False)
     if as_json:
         _emit([r.to_dict() for r in results], True, "")
@@ -340,18 +363,20 @@ def calib_command(
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
 ) -> None:
     """Build a calibration folder: a seeded, stratified sample of your images, or an embedded set."""
-    if out.exists() and any(out.iterdir()):
-        raise BadInput(f"{out}: exists and is not empty; choose a new --out folder")
-    n = make_calibration(resolve(source), out, per_class, samples, seed)
+    check_out(out, replace=False)
+    folder = resolve(source)
+    # Built in a hidden sibling and renamed into place: Ctrl-C leaves nothing, so a rerun starts clean.
+    with atomic_dir(out, check=lambda path: check_out(path, replace=False)) as tmp:
+        n = make_calibration(folder, tmp, per_class, samples, seed)
     log.info("Wrote %d images to %s", n, out)
-    typer.echo(str(out))
+    _print(str(out))
 
 
 @app.command("recipes")
 def recipes_command() -> None:
     """List the built-in recipes with their one-line descriptions."""
     for name, path in builtin_recipes().items():
-        typer.echo(f"{name:40s} {recipe_data(path)[1].get('description', '')}")
+        _print(f"{name:40s} {recipe_data(path)[1].get('description', '')}")
 
 
 @app.command("release")
@@ -383,15 +408,42 @@ def release_command(
         raise CheckFailed(f"release gate failed for: {', '.join(failed)} (see {out / 'summary.md'})")
 
 
+class Interrupted(SystemExit):
+    """Ctrl-C (SIGINT) or SIGTERM: unwinds like an exception (temp dirs are removed on the way out).
+
+    A SystemExit, not a KeyboardInterrupt: typer turns KeyboardInterrupt into a silent exit 130 before main()
+    could say what happened."""
+
+
 def _terminated(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: temp dirs are removed on the way out
+    raise Interrupted(128 + signum)
 
 
 def main() -> None:
     # CI cancellations and `docker stop` send SIGTERM, whose default action skips every cleanup.
-    signal.signal(signal.SIGTERM, _terminated)
+    previous = {sig: signal.signal(sig, _terminated) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        _run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run() -> None:
     try:
         app()
+    except Interrupted as err:
+        typer.echo("interrupted", err=True)
+        raise SystemExit(err.code) from None
+    except StdoutFailed as failed:
+        (err,) = failed.args
+        # What is still buffered (and Python's own flush at exit) goes nowhere instead of failing again.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if err.errno == errno.EPIPE:  # `fnexport ... | head`: the reader left; nothing to report
+            raise SystemExit(141) from None
+        typer.echo(f"error: cannot write to stdout ({err.strerror}); redirect it somewhere writable", err=True)
+        raise SystemExit(2) from None
     except FnexportError as err:
         if type(err) is FnexportError:
             traceback.print_exc()
@@ -399,9 +451,6 @@ def main() -> None:
         else:
             typer.echo(f"error: {err}", err=True)
         raise SystemExit(err.exit_code) from None
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        raise SystemExit(130) from None
     except Exception:
         traceback.print_exc()
         typer.echo("fnexport hit an internal error; please report it with the traceback above.", err=True)

@@ -10,12 +10,13 @@ import numpy as np
 import fnexport.manifest as mf
 from fnexport.comparison import ParityReport, check, reference, tolerance_for
 from fnexport.console import log, step
-from fnexport.errors import BackendUnavailable, BadInput, CheckFailed
+from fnexport.errors import BackendUnavailable, BadInput, CheckFailed, FnexportError
 from fnexport.model.checkpoint import Checkpoint
 from fnexport.model.fasternet import count
 from fnexport.recipes import Recipe
 from fnexport.targets import get_target
 from fnexport.targets.base import Exported, Source, Target
+from fnexport.targets.graph import onnx_opset
 
 REPARAM_ATOL = 1e-4
 
@@ -55,12 +56,15 @@ def convert_checkpoint(ckpt: Checkpoint, recipe: Recipe, out: Path | None = None
             with step(f"Exporting {target.name} {recipe.precision}"):
                 exported = target.export(src, tmp, recipe)
             manifest = build_manifest(ckpt, recipe, target, exported)
+            record_inputs(src, exported, manifest)
             manifest["parity"] = {
                 "reference": "PyTorch eager FP32, the model as loaded (BatchNorm not folded)",
                 "data": src.parity_inputs().source,
                 "reparam_max_abs": reparam_err,
             }
             report = check_parity(src, target, exported, manifest)
+            # Everything in the folder now is fnexport's: a later convert may replace these names and no others.
+            manifest["files"] = sorted(p.name for p in tmp.iterdir())
             mf.write(tmp, manifest)
             if report is not None and not report.passed:
                 raise CheckFailed(
@@ -83,6 +87,40 @@ def target_for(ckpt: Checkpoint, recipe: Recipe) -> Target:
             f"{ckpt.path}: is a {ckpt.config.variant}, but the recipe is for {recipe.variant}; use a {ckpt.config.variant} recipe"
         )
     return target
+
+
+# Fewer calibration images than this give INT8 ranges that rarely hold on other inputs.
+MIN_CALIBRATION = 32
+
+
+def record_inputs(src: Source, exported: Exported, manifest: dict) -> None:
+    """Record what the artifact was made from, not what was asked for: the ONNX opset read from the file,
+    and the calibration images only when the target used them (warning about a tiny set)."""
+    onnx_file = exported.path if exported.path.suffix == ".onnx" else src.onnx_file
+    manifest["onnx_opset"] = onnx_opset(onnx_file) if onnx_file else None
+    if manifest["onnx_opset"] not in (None, src.recipe.opset):
+        raise FnexportError(
+            f"the exporter wrote opset {manifest['onnx_opset']}, not {src.recipe.opset}; please report this"
+        )
+    calib = src.calibration_set
+    if calib is None:
+        if src.recipe.calib:
+            log.warning(
+                "--calib %s was not used: %s %s does not calibrate; it is not recorded in the manifest",
+                src.recipe.calib,
+                manifest["target"],
+                manifest["precision"],
+            )
+        manifest["recipe"]["calib"] = None
+        return
+    manifest["calibration"] = {"data": calib.source, "images": len(calib.x), "skipped": len(calib.skipped)}
+    if len(calib.x) < MIN_CALIBRATION:
+        warning = (
+            f"calibrated on {len(calib.x)} image(s): INT8 ranges from fewer than {MIN_CALIBRATION} rarely hold on "
+            "other inputs; calibrate on 100+ representative images (fnexport calib)"
+        )
+        log.warning("%s", warning)
+        manifest["calibration"]["warning"] = warning
 
 
 def check_reparam(src: Source) -> float:

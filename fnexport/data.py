@@ -153,7 +153,11 @@ def resolve(source: str | Path) -> Path:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("FNEXPORT_CACHE", Path.home() / ".cache" / "fnexport"))
+    """$FNEXPORT_CACHE, else ~/.cache/fnexport; set but empty is refused (it would mean the working directory)."""
+    value = os.environ.get("FNEXPORT_CACHE")
+    if value is not None and not value.strip():
+        raise BadInput("FNEXPORT_CACHE is set but empty; unset it (default ~/.cache/fnexport) or give a folder")
+    return Path(value) if value is not None else Path.home() / ".cache" / "fnexport"
 
 
 def embedded(name: str) -> Path:
@@ -161,8 +165,14 @@ def embedded(name: str) -> Path:
     target = cache_dir() / f"{name}-v{EMBEDDED_VERSION}"
     if target.is_dir():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    except OSError as err:  # HOME=/dev/null, a read-only home
+        raise BadInput(
+            f"{target.parent}: cannot create the embedded image cache there ({err.strerror}); "
+            "set FNEXPORT_CACHE to a writable folder"
+        ) from None
     try:
         write_embedded(name, tmp)
         try:
@@ -233,6 +243,9 @@ def make_calibration(
 ) -> int:
     """Copy a seeded, stratified sample of an ImageNet-style tree (per_class images per class) into `out`."""
     source = Path(source)
+    for what, value in (("per_class", per_class), ("samples", samples)):
+        if value is not None and value < 1:
+            raise BadInput(f"--{what.replace('_', '-')} {value}: give a number of images >= 1")
     files = list_images(source) if source.is_dir() else []
     if not files:
         raise BadInput(

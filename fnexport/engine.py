@@ -53,6 +53,7 @@ def build_engine_dir(folder: Path, opts: EngineOptions) -> dict:
             "artifact": ENGINE,
             "sha256": mf.sha256_artifact(tmp),
             "details": details | {"engine": info},
+            "files": sorted({*manifest.get("files", [manifest["artifact"]]), ENGINE}),
         }
         with step(f"Checking engine parity on {len(data.x)} images"):
             report = check(TensorRtRunner(tmp, updated), data.x, stored["logits"], tol, labels)

@@ -3,27 +3,68 @@
 from __future__ import annotations
 
 import difflib
+import importlib.metadata
+import re
 import sysconfig
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from fnexport.data import IMAGENET_MEAN, IMAGENET_STD, Preprocess
-from fnexport.errors import BadInput
+from fnexport.errors import BadInput, what_is
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4", "palettize4", "palettize8")
+# Sane maxima, checked before any work: a static batch and the input size decide the memory parity needs
+# (batch 100000 or --crop-pct 0.001, a 224000-pixel resize, ran out of memory after minutes).
+MAX_BATCH = 256
+MAX_IMGSZ = 1024
+MIN_CROP_PCT = 0.25  # the resize before the crop is at most 4x the input size
+# torch 2.13's dynamo exporter writes opset 18 whatever lower opset is asked for (its version converter
+# fails inside a warning); 18..23 were each checked to come out as asked (ONNX Runtime 1.31 runs them).
+MIN_OPSET, MAX_OPSET = 18, 23
+
+
+# Why the maxima exist, added to pydantic's "less than or equal to N" message.
+BOUNDS = {
+    "batch": "a static batch is exported and parity runs it on this machine; bounded so it fits in memory",
+    "imgsz": "bounded so parity images fit in memory",
+    "crop_pct": f"the image is resized to imgsz/crop_pct before the crop, at most {1 / MIN_CROP_PCT:g}x the input",
+    "batches": "bench batch sizes are bounded so the inputs fit in memory",
+}
+
+
+def torch_version() -> str:
+    return importlib.metadata.version("torch").split("+")[0]
+
+
+def _tuple(value: Any) -> Any:
+    """YAML and JSON give lists; strict validation wants the tuple the field is (items stay strict)."""
+    return tuple(value) if isinstance(value, list) else value
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: "64", 2.0 or "yes" are never coerced into an int or a bool; no inf or nan anywhere.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+Floats3 = Annotated[tuple[float, float, float], BeforeValidator(_tuple)]
 
 
 class PreprocessSpec(_Strict):
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    crop_pct: float = Field(0.9, gt=0.0, le=1.0)
+    mean: Floats3 = IMAGENET_MEAN
+    std: Floats3 = IMAGENET_STD
+    crop_pct: float = Field(0.9, ge=MIN_CROP_PCT, le=1.0)
     interpolation: Literal["bicubic", "bilinear", "nearest", "lanczos"] = "bicubic"
 
     @field_validator("std")
@@ -40,10 +81,15 @@ class Tolerance(_Strict):
     atol: float | None = Field(None, gt=0)
     min_cosine: float | None = Field(None, ge=-1, le=1)
     min_top1: float | None = Field(None, ge=0, le=1)
+    # Max abs logit error in units of the reference logits' RMS: the one check that still sees a wrong
+    # logit scale, which cosine and top-1 cannot (5x logits keep both; a 1-class head has nothing else).
+    max_abs_rms: float | None = Field(None, gt=0)
 
 
 class BenchSpec(_Strict):
-    batches: tuple[int, ...] = (1, 16)
+    batches: Annotated[tuple[Annotated[int, Field(ge=1, le=MAX_BATCH)], ...], BeforeValidator(_tuple)] = Field(
+        (1, 16), min_length=1
+    )
     seconds: float = Field(4.0, gt=0)
     threads: int | None = Field(None, ge=1)
 
@@ -52,10 +98,10 @@ class Recipe(_Strict):
     target: str
     description: str = ""
     precision: Literal[PRECISIONS] = "fp32"  # type: ignore[valid-type]
-    imgsz: int = Field(224, ge=32)
-    batch: int = Field(1, ge=1)
+    imgsz: int = Field(224, ge=32, le=MAX_IMGSZ)
+    batch: int = Field(1, ge=1, le=MAX_BATCH)
     dynamic: bool = False
-    opset: int = Field(20, ge=13, le=23)
+    opset: int = 20
     preprocess: PreprocessSpec = PreprocessSpec()
     calib: str | None = None
     calib_samples: int = Field(300, ge=1)
@@ -80,6 +126,16 @@ class Recipe(_Strict):
         if v % 32:
             raise ValueError(
                 f"{v} is not a multiple of 32 (FasterNet downsamples 32x); try {max(32, round(v / 32) * 32)}"
+            )
+        return v
+
+    @field_validator("opset")
+    @classmethod
+    def _opset_the_exporter_writes(cls, v: int) -> int:
+        if not MIN_OPSET <= v <= MAX_OPSET:
+            raise ValueError(
+                f"{v} is outside {MIN_OPSET}..{MAX_OPSET}, the opsets torch {torch_version()}'s exporter writes as "
+                f"asked (below {MIN_OPSET} it writes {MIN_OPSET} anyway); choose {MIN_OPSET}..{MAX_OPSET}"
             )
         return v
 
@@ -122,6 +178,17 @@ class Recipe(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _dynamic_or_fixed_batch(self) -> Recipe:
+        # A dynamic artifact takes any batch, so a batch size beside it describes nothing real, except for
+        # OpenVINO, which compiles a dynamic model for batches of that size (THROUGHPUT; details.performance_hint).
+        if self.dynamic and self.batch != 1 and self.target != "openvino":
+            raise ValueError(
+                f"dynamic and batch {self.batch} conflict: a dynamic artifact takes any batch (only --target openvino "
+                "tunes it for a batch size); drop batch, or dynamic for a fixed batch"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _int8_needs_data(self) -> Recipe:
         # Calibration data decides INT8 accuracy; choosing a set for the user would hide that choice.
         if self.precision == "int8" and self.target != "coreml" and not self.calib:
@@ -144,15 +211,49 @@ def builtin_recipes() -> dict[str, Path]:
     return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
 
 
+class _DuplicateKey(yaml.YAMLError):
+    """A key given twice in one mapping."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice is an error (YAML lets the last one win silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        lines: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in lines:
+                raise _DuplicateKey(f"{key}: given twice (lines {lines[key]} and {line}); keep one")
+            lines[key] = line
+        return super().construct_mapping(node, deep)
+
+
+# PyYAML follows YAML 1.1, where 1e-3 (no dot) is a string; with strict types that would be refused, so the
+# loader reads YAML 1.2 floats too. Resolvers are per class: this copy leaves yaml.SafeLoader as it was.
+_UniqueKeyLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
 def recipe_data(spec: str | Path) -> tuple[Path, dict]:
     """The raw mapping of a recipe file (a path, or the name of a built-in recipe)."""
     path = Path(spec)
     if not path.is_file():
         path = builtin_recipes().get(str(spec), path)
     if not path.is_file():
-        raise BadInput(f"{spec}: no such recipe file or built-in recipe (see `fnexport recipes`)")
+        raise BadInput(f"--recipe {spec}: {what_is(path)} (give a recipe file or a name from `fnexport recipes`)")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError as err:
+        raise BadInput(f"{path}: not UTF-8 text (byte {err.start}); save the recipe as UTF-8") from None
+    except OSError as err:
+        raise BadInput(f"{path}: cannot read it ({err.strerror})") from None
+    except _DuplicateKey as err:
+        raise BadInput(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise BadInput(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -167,7 +268,7 @@ def load_recipe(spec: str | Path) -> tuple[str, Recipe]:
 
 
 def tolerance_from_flags(**flags: float | None) -> Tolerance:
-    """Parity thresholds given as flags (--atol, --min-cosine, --min-top1); None = the precision's default."""
+    """Parity thresholds given as flags (--atol, --min-cosine, --min-top1, --max-abs-rms); None = the default."""
     try:
         return Tolerance(**flags)
     except ValidationError as err:
@@ -185,20 +286,39 @@ def parse_recipe(data: dict, where: str) -> Recipe:
 def build_recipe(flags: dict[str, Any], recipe: str | Path | None = None) -> Recipe:
     """A validated Recipe: a recipe file (path or built-in name) if given, then flag values (None = not given)."""
     base: dict[str, Any] = {"target": "onnx"}
+    path = None
     if recipe is not None:
         path, base = recipe_data(recipe)
         parse_recipe(base, str(path))
     flags = dict(flags)
     pre = {k: flags.pop(k) for k in ("mean", "std", "crop_pct", "interpolation") if k in flags}
-    tol = {k: flags.pop(k) for k in ("atol", "min_cosine", "min_top1") if k in flags}
+    tol = {k: flags.pop(k) for k in ("atol", "min_cosine", "min_top1", "max_abs_rms") if k in flags}
     data = {**base, **{k: v for k, v in flags.items() if v is not None}}
+    given = {k for k, v in flags.items() if v is not None}
     for key, group in (("preprocess", pre), ("tolerance", tol)):
         if any(v is not None for v in group.values()):
             data[key] = {**base.get(key, {}), **{k: v for k, v in group.items() if v is not None}}
+            given |= {f"{key}.{k}" for k, v in group.items() if v is not None}
     try:
         return Recipe(**data)
     except ValidationError as err:
-        raise bad_input(err, flags=True) from None
+        # Name what the user wrote: the flag, or, for a value that came from the recipe file, its key there.
+        loc = ".".join(str(p) for p in err.errors()[0]["loc"][:2])
+        from_file = path is not None and loc and not any(loc == g or loc.startswith(g + ".") for g in given)
+        raise (bad_input(err, f"{path}: ") if from_file else bad_input(err, flags=True)) from None
+
+
+# Recipe keys whose flag is not `--` + the key with dashes (convert's --samples, --data; grouped keys).
+FLAGS = {"calib_samples": "--samples", "parity_data": "--data"}
+
+
+def flag_for(loc: tuple) -> str:
+    """The CLI flag that sets the recipe key at `loc` (preprocess.std is --std, tolerance.atol is --atol)."""
+    parts = [str(p) for p in loc if not isinstance(p, int)]
+    if parts and parts[0] in ("preprocess", "tolerance") and len(parts) > 1:
+        parts = parts[1:]
+    key = ".".join(parts)
+    return FLAGS.get(key, "--" + key.replace("_", "-"))
 
 
 def bad_input(err: ValidationError, where: str = "", flags: bool = False) -> BadInput:
@@ -210,8 +330,13 @@ def bad_input(err: ValidationError, where: str = "", flags: bool = False) -> Bad
         fix = _unknown(first["loc"])
     elif first["type"] == "missing":
         fix = "required; add it"
+    elif first["type"] in ("int_type", "bool_type", "string_type", "float_type", "tuple_type"):
+        fix += f" (got {first['input']!r}, a {type(first['input']).__name__}; values are not converted)"
+    elif first["type"] in ("less_than_equal", "greater_than_equal"):
+        why = next((BOUNDS[p] for p in reversed(first["loc"]) if p in BOUNDS), None)
+        fix += f" ({why})" if why else ""
     if flags:
-        return BadInput(f"{where}--{loc.replace('_', '-')}: {fix}" if loc else f"{where}{fix}")
+        return BadInput(f"{where}{flag_for(first['loc'])}: {fix}" if loc else f"{where}{fix}")
     return BadInput(f"{where}{loc or '(recipe)'}: {fix}")
 
 

@@ -102,6 +102,16 @@ class Source:
             self._onnx = export_onnx(self.module("split_cat"), self.workdir / "fp32.onnx", self.recipe, meta)
         return self._onnx
 
+    @property
+    def onnx_file(self) -> Path | None:
+        """The FP32 ONNX, if a target asked for it (manifests record its opset)."""
+        return self._onnx
+
+    @property
+    def calibration_set(self) -> ImageSet | None:
+        """The calibration images, if a target used them (manifests record only what was used)."""
+        return self._calibration
+
     def calibration(self) -> ImageSet:
         if self._calibration is None:
             recipe = self.recipe

@@ -101,6 +101,14 @@ def onnx_metadata(ckpt: Checkpoint, recipe: Recipe) -> dict[str, str]:
     return meta
 
 
+def onnx_opset(path: Path) -> int | None:
+    """The default-domain opset an ONNX file declares (what runtimes go by, whatever was asked for)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
 def op_counts(path: Path) -> dict[str, int]:
     import onnx
 
