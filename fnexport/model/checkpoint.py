@@ -179,7 +179,14 @@ def check_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
     for key, value in state.items():
         if value.numel() == 0:
             raise BadInput(f"{path}: {key} is empty (shape {list(value.shape)}); a FasterNet has no empty layers")
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        # A NaN or Inf makes the sum non-finite: one pass without a mask (L, 94M values, loaded 2-core machine:
+        # 0.02-1.0 s against 1.2-2.4 s for isfinite().all());
+        # only then (or when finite values overflow the sum) the exact, slower count.
+        if (
+            value.is_floating_point()
+            and not bool(torch.isfinite(value.sum()))
+            and not bool(torch.isfinite(value).all())
+        ):
             bad = int((~torch.isfinite(value)).sum())
             raise BadInput(
                 f"{path}: {key} holds {bad} NaN/Inf value(s); the checkpoint is damaged (diverged training?), "
