@@ -431,7 +431,17 @@ def main() -> None:
 
 def _run() -> None:
     try:
-        app()
+        # Not standalone: click would draw its usage box for a bad option value; we print one line.
+        code = app(standalone_mode=False)
+    # typer 0.29 vendors click as typer._click and exports no UsageError of its own.
+    except typer._click.exceptions.UsageError as err:
+        if message := err.format_message().rstrip("."):  # empty: no arguments at all, help already shown
+            where = f"; see '{err.ctx.command_path} --help'" if err.ctx else ""
+            typer.echo(f"error: {message}{where}", err=True)
+        raise SystemExit(2) from None
+    except typer.Abort:  # Ctrl-C at a prompt or while click parses
+        typer.echo("interrupted", err=True)
+        raise SystemExit(130) from None
     except Interrupted as err:
         typer.echo("interrupted", err=True)
         raise SystemExit(err.code) from None
@@ -455,6 +465,8 @@ def _run() -> None:
         traceback.print_exc()
         typer.echo("fnexport hit an internal error; please report it with the traceback above.", err=True)
         raise SystemExit(4) from None
+    if isinstance(code, int):  # typer.Exit(n) and --help come back as an exit code when not standalone
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":

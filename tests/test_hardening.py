@@ -122,9 +122,19 @@ def test_bad_imgsz_exit_2(command, imgsz, message, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_non_integer_imgsz_is_a_usage_error():
-    code, stdout, stderr = cli("convert", "fasternet_t0", "--imgsz", "large")
-    assert code == 2 and stdout == "" and "Traceback" not in stderr and "--imgsz" in stderr
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("convert", "fasternet_t0", "--imgsz", "large"), "Invalid value for '--imgsz'"),
+        (("convert",), "Missing argument 'ckpt'"),
+        (("convert", "fasternet_t0", "--bogus"), "No such option: --bogus"),
+        (("nosuch",), "No such command 'nosuch'"),
+    ],
+)
+def test_usage_errors_are_one_line(args, message):
+    """click's own parse errors (bad option value, missing argument) too: one line, not its usage box."""
+    code, stdout, stderr = cli(*args)
+    assert_one_line_exit_2(code, stdout, stderr, message)
 
 
 # -- calibration and parity folders --
