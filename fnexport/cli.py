@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import json
 import os
@@ -15,15 +14,16 @@ from typing import Annotated, Any
 
 import typer
 
+import fnexport.api as api
+import fnexport.manifest as mf
 from fnexport.bench import bench, check_plot, plot, tabulate_speed
 from fnexport.console import console, log, setup_logging
-from fnexport.conversion import convert
 from fnexport.data import DEFAULT_DATA, make_calibration, resolve
 from fnexport.demo import run_demo
 from fnexport.doctor import doctor
 from fnexport.engine import build_engine_dir
 from fnexport.errors import BackendUnavailable, BadInput, CheckFailed, FnexportError
-from fnexport.gate import all_passed, check_report, gate, tabulate_parity, write_report
+from fnexport.gate import all_passed, check_report, tabulate_parity, write_report
 from fnexport.inspection import inspect
 from fnexport.manifest import atomic_dir, check_out
 from fnexport.model.checkpoint import load_checkpoint
@@ -69,21 +69,6 @@ def _floats3(text: str | None, flag: str) -> tuple[float, float, float] | None:
     if len(values) != 3:
         raise BadInput(f"{flag} {text!r}: give three comma-separated numbers, e.g. {flag} 0.485,0.456,0.406")
     return values  # type: ignore[return-value]
-
-
-def _labels_file(path: Path, num_classes: int) -> list[str]:
-    """Class names from a text file (one per line) or a JSON list; exactly one per model output."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise BadInput(f"--labels {path}: cannot read it ({err})") from None
-    try:
-        names = json.loads(text) if text.lstrip().startswith("[") else [ln.strip() for ln in text.strip().splitlines()]
-    except json.JSONDecodeError as err:
-        raise BadInput(f"--labels {path}: not a JSON list ({err})") from None
-    if len(names) != num_classes or not all(isinstance(n, str) and n for n in names):
-        raise BadInput(f"--labels {path}: {len(names)} names for {num_classes} classes; give one non-empty name each")
-    return names
 
 
 class StdoutFailed(Exception):
@@ -154,20 +139,13 @@ def convert_command(
     as_json: Json = False,
 ) -> None:
     """Convert a checkpoint into a target artifact plus manifest.json, verified against PyTorch."""
-    recipe = build_recipe(
-        dict(
-            target=target, precision=precision, imgsz=imgsz, batch=batch, dynamic=dynamic or None,
-            opset=opset, mean=_floats3(mean, "--mean"), std=_floats3(std, "--std"), crop_pct=crop_pct,
-            interpolation=interpolation, calib=calib, calib_samples=samples, calib_method=calib_method,
-            parity_data=data, atol=atol,
-            max_drop=max_drop, input=input_,
-        ),
-        recipe,
+    out_dir = api.convert(
+        ckpt, target, precision, out, recipe=recipe, imgsz=imgsz, batch=batch, dynamic=dynamic or None,
+        opset=opset, mean=_floats3(mean, "--mean"), std=_floats3(std, "--std"), crop_pct=crop_pct,
+        interpolation=interpolation, calib=calib, samples=samples, calib_method=calib_method, data=data,
+        atol=atol, max_drop=max_drop, input=input_, labels=labels, act=act, unsafe_load=unsafe_load,
     )  # fmt: skip
-    loaded = load_checkpoint(ckpt, act=act, unsafe_load=unsafe_load)
-    if labels is not None:
-        loaded = dataclasses.replace(loaded, labels=_labels_file(labels, loaded.config.num_classes))
-    out_dir, manifest = convert(loaded, recipe, out)
+    manifest = mf.read(out_dir, verify=False)
     _emit(manifest | {"out": str(out_dir)}, as_json, str(out_dir / manifest["artifact"]))
 
 
@@ -332,15 +310,16 @@ def parity_command(
     as_json: Json = False,
 ) -> None:
     """Release gate: every artifact against the original PyTorch model on the same inputs; exit 1 on drift."""
-    override = tolerance_from_flags(atol=atol, min_cosine=min_cosine, min_top1=min_top1, max_abs_rms=max_abs_rms)
-    if samples < 1:
-        raise BadInput(f"--samples {samples}: give a number of images >= 1")
-    if threads is not None and threads < 1:
-        raise BadInput(f"--threads {threads}: give a number of threads >= 1")
+    tolerance_from_flags(atol=atol, min_cosine=min_cosine, min_top1=min_top1, max_abs_rms=max_abs_rms)
+    api.check_count(samples, "--samples", "images")
+    if threads is not None:
+        api.check_count(threads, "--threads", "threads")
     for path in report or []:
         check_report(path)  # before the gate runs: a bad --report must not cost the whole run
-    loaded = load_checkpoint(ckpt, act=act, unsafe_load=unsafe_load)
-    results = gate(loaded, artifacts, data, samples, override, localize, threads)
+    results = api.parity(
+        ckpt, artifacts, data, samples, atol=atol, min_cosine=min_cosine, min_top1=min_top1,
+        max_abs_rms=max_abs_rms, localize=localize, threads=threads, act=act, unsafe_load=unsafe_load,
+    )  # fmt: skip
     table = tabulate_parity(results, data or DEFAULT_DATA)
     for path in report or []:
         write_report(path, results, table)

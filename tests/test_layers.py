@@ -15,6 +15,7 @@ LAYERS = (
     ("__main__",),
     ("cli",),
     ("fnexport",),  # the package root: the names `import fnexport` gives
+    ("api",),  # the Python API the package root re-exports; the CLI's commands call it
     ("release", "demo"),
     ("conversion", "gate", "bench", "inspection", "doctor", "engine"),
     ("targets",),  # the registry, TARGETS

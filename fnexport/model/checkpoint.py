@@ -137,6 +137,18 @@ def load_checkpoint(spec: str | Path, act: str | None = None, unsafe_load: bool 
     if path.stat().st_size == 0:
         raise BadInput(f"{path}: the file is empty; re-copy or re-save the checkpoint")
     obj, file_labels = _read(path, unsafe_load)
+    return _build(obj, path, sha256_file(path), act, file_labels)
+
+
+def from_module(module: nn.Module, act: str | None = None) -> Checkpoint:
+    """A Checkpoint from a FasterNet in memory (fnexport's, the official code's or timm's), read through its
+    state_dict() like a file of the same layout; the weights are copied, the module is left as it is."""
+    what = f"nn.Module {type(module).__name__}"
+    return _build(module.state_dict(), Path(what), None, check_act(act), None)
+
+
+def _build(obj: object, path: Path, sha256: str | None, act: str | None, file_labels: list[str] | None) -> Checkpoint:
+    """Unwrap, remap and check the weights of `obj` (from a file or a module) and fit them into a FasterNet."""
     state, layout = _state_dict(obj, path)
     check_tensors(state, path)
     cfg = infer_config(state, path, act)
@@ -150,7 +162,7 @@ def load_checkpoint(spec: str | Path, act: str | None = None, unsafe_load: bool 
     model = FasterNet(cfg)
     _fit(model, state, path, layout)
     labels = _checked_labels(file_labels if file_labels is not None else _labels(obj), cfg.num_classes, path)
-    return Checkpoint(model.eval(), cfg, str(path), sha256_file(path), layout, labels)
+    return Checkpoint(model.eval(), cfg, str(path), sha256, layout, labels)
 
 
 def check_act(act: str | None) -> str | None:

@@ -1,0 +1,341 @@
+"""The Python API: convert, load an artifact and run it, parity, val. The CLI is a thin layer over these.
+
+Every function raises fnexport.errors' typed exceptions (BadInput, CheckFailed, BackendUnavailable) and
+never exits the process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from torch import nn
+
+import fnexport.manifest as mf
+from fnexport.console import log
+from fnexport.conversion import convert as convert_checkpoint
+from fnexport.data import IMAGE_SUFFIXES, Preprocess, list_images
+from fnexport.errors import BadInput
+from fnexport.gate import ArtifactResult, gate, preprocess_of
+from fnexport.model.checkpoint import Checkpoint, from_module, load_checkpoint
+from fnexport.recipes import MAX_BATCH, build_recipe, tolerance_from_flags
+from fnexport.targets import get_target
+
+__all__ = ["Artifact", "convert", "load", "parity"]
+
+ModelLike = str | Path | nn.Module
+ImageLike = str | Path | Image.Image
+# Images per runtime call for a dynamic-batch artifact when no batch is asked for.
+DEFAULT_BATCH = 32
+# Exceptions PIL raises for a file that is not a readable image (a DecompressionBombError for a fuzzed header).
+IMAGE_ERRORS = (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError)
+
+
+def checkpoint(model: ModelLike | Checkpoint, act: str | None = None, unsafe_load: bool = False) -> Checkpoint:
+    """A checkpoint file, a variant name (random weights) or a FasterNet nn.Module, loaded as a Checkpoint."""
+    if isinstance(model, Checkpoint):
+        return model
+    if isinstance(model, nn.Module):
+        return from_module(model, act)
+    if isinstance(model, (str, Path)):
+        return load_checkpoint(model, act=act, unsafe_load=unsafe_load)
+    raise BadInput(
+        f"model: give a checkpoint path, a variant name or a FasterNet nn.Module, not a {type(model).__name__}"
+    )
+
+
+def read_labels(labels: str | Path | Sequence[str], num_classes: int) -> list[str]:
+    """Class names: a list, or a file (one per line, or a JSON list); exactly one distinct name per model output."""
+    if isinstance(labels, (str, Path)):
+        path = Path(labels)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise BadInput(f"--labels {path}: cannot read it ({err})") from None
+        try:
+            names = (
+                json.loads(text) if text.lstrip().startswith("[") else [ln.strip() for ln in text.strip().splitlines()]
+            )
+        except json.JSONDecodeError as err:
+            raise BadInput(f"--labels {path}: not a JSON list ({err})") from None
+        where = f"--labels {path}"
+    else:
+        names, where = list(labels), "labels"
+    if len(names) != num_classes or not all(isinstance(n, str) and n for n in names):
+        raise BadInput(f"{where}: {len(names)} names for {num_classes} classes; give one non-empty name each")
+    if len(set(names)) != len(names):
+        raise BadInput(f"{where}: a name appears twice; every class needs its own name")
+    return names
+
+
+def convert(
+    model: ModelLike,
+    target: str | None = None,
+    precision: str | None = None,
+    out: str | Path | None = None,
+    *,
+    recipe: str | Path | None = None,
+    imgsz: int | None = None,
+    batch: int | None = None,
+    dynamic: bool | None = None,
+    opset: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    crop_pct: float | None = None,
+    interpolation: str | None = None,
+    calib: str | Path | None = None,
+    samples: int | None = None,
+    calib_method: str | None = None,
+    data: str | Path | None = None,
+    atol: float | None = None,
+    max_drop: float | None = None,
+    input: str | None = None,
+    labels: str | Path | Sequence[str] | None = None,
+    act: str | None = None,
+    unsafe_load: bool = False,
+) -> Path:
+    """Convert `model` (checkpoint path, variant name or FasterNet nn.Module) and return the output directory.
+
+    target and precision default to onnx and fp32 (or the recipe's); the keyword options are `fnexport convert`'s
+    flags. Raises CheckFailed when parity fails (nothing written), BackendUnavailable when the runtime is missing.
+    """
+    # Options are validated before the checkpoint is read: a typo costs a moment, not a load.
+    rec = build_recipe(
+        dict(
+            target=target, precision=precision, imgsz=imgsz, batch=batch, dynamic=dynamic or None, opset=opset,
+            mean=_floats3(mean), std=_floats3(std), crop_pct=crop_pct, interpolation=interpolation,
+            calib=None if calib is None else str(calib), calib_samples=samples, calib_method=calib_method,
+            parity_data=None if data is None else str(data), atol=atol, max_drop=max_drop, input=input,
+        ),
+        recipe,
+    )  # fmt: skip
+    ckpt = checkpoint(model, act, unsafe_load)
+    if labels is not None:
+        ckpt = dataclasses.replace(ckpt, labels=read_labels(labels, ckpt.config.num_classes))
+    if out is None and isinstance(model, nn.Module):
+        out = Path("exports") / f"{ckpt.config.variant}-{rec.target}-{rec.precision}"
+    out_dir, _ = convert_checkpoint(ckpt, rec, None if out is None else Path(out))
+    return out_dir
+
+
+def _floats3(values: Sequence[float] | None) -> tuple[float, ...] | None:
+    # Lists and ints are fine from Python (mean=[0.5, 0.5, 0.5]); strings and other lengths are not.
+    if values is None or isinstance(values, str):
+        return values  # type: ignore[return-value]
+    try:
+        return tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        return tuple(values)
+
+
+def parity(
+    model: ModelLike,
+    artifacts: str | Path | Iterable[str | Path],
+    data: str | Path | None = None,
+    samples: int = 200,
+    *,
+    atol: float | None = None,
+    min_cosine: float | None = None,
+    min_top1: float | None = None,
+    max_abs_rms: float | None = None,
+    localize: bool = False,
+    threads: int | None = None,
+    act: str | None = None,
+    unsafe_load: bool = False,
+) -> list[ArtifactResult]:
+    """Run every artifact directory against `model` on the same images; one result (PASS/FAIL/NOT RUN) each.
+
+    Verdicts are returned, not raised: `all(r.status == "PASS" for r in results)` is the gate."""
+    override = tolerance_from_flags(atol=atol, min_cosine=min_cosine, min_top1=min_top1, max_abs_rms=max_abs_rms)
+    check_count(samples, "--samples", "images")
+    if threads is not None:
+        check_count(threads, "--threads", "threads")
+    dirs = [artifacts] if isinstance(artifacts, (str, Path)) else list(artifacts)
+    ckpt = checkpoint(model, act, unsafe_load)
+    return gate(ckpt, dirs, None if data is None else str(data), samples, override, localize, threads)
+
+
+def check_count(value: int, flag: str, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BadInput(f"{flag} {value}: give a number of {what} >= 1")
+
+
+class Artifact:
+    """A converted artifact loaded with its runtime: `predict` from images or preprocessed arrays.
+
+    Made by `load`; close it (or use `with`) to free the runtime."""
+
+    def __init__(self, folder: Path, manifest: dict, threads: int | None = None, batch: int | None = None) -> None:
+        self.dir = folder
+        self.manifest = manifest
+        self.pre: Preprocess = preprocess_of(manifest)
+        self.runner = get_target(manifest["target"]).runner(folder / manifest["artifact"], manifest, threads)
+        fixed = self.runner.batch
+        if batch is not None:
+            check_count(batch, "--batch", "images")
+            if batch > MAX_BATCH:
+                raise BadInput(f"--batch {batch}: at most {MAX_BATCH} images per call")
+            if fixed and batch != fixed:
+                self.close()
+                raise BadInput(f"--batch {batch}: {folder} has a fixed batch of {fixed}; drop --batch or give {fixed}")
+        # Fixed-batch graphs take exactly their batch (the last chunk is padded); dynamic ones any.
+        self.batch: int = fixed or batch or DEFAULT_BATCH
+
+    def __enter__(self) -> Artifact:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
+            self.runner = None  # type: ignore[assignment]
+
+    @property
+    def labels(self) -> list[str] | None:
+        return self.manifest.get("labels")
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest["model"]["num_classes"])
+
+    @property
+    def outputs(self) -> list[dict]:
+        """The artifact's outputs as the manifest names them: [{"name", "shape"}, ...] (one for a classifier)."""
+        outs = self.manifest.get("outputs", self.manifest.get("output"))
+        outs = outs if isinstance(outs, list) else [outs or {"name": "logits"}]
+        return [o if isinstance(o, dict) else {"name": str(o)} for o in outs]
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.manifest.get("kind", "classifier") == "classifier" and len(self.outputs) == 1
+
+    def preprocess(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:
+        """Images (PIL, or file paths) as the artifact's NCHW float32 input, preprocessed as its manifest says."""
+        items = [images] if isinstance(images, (str, Path, Image.Image)) else list(images)
+        return np.stack([self._one(item) for item in items]) if items else self._empty()
+
+    def _one(self, item: ImageLike) -> np.ndarray:
+        if isinstance(item, Image.Image):
+            return self.pre(item)
+        if not isinstance(item, (str, Path)):
+            raise BadInput(f"images: give PIL images or file paths, not a {type(item).__name__}")
+        try:
+            with Image.open(item) as img:
+                img.load()
+                return self.pre(img)
+        except IMAGE_ERRORS as err:
+            raise BadInput(f"{item}: not a readable image ({str(err).splitlines()[0][:80]})") from None
+
+    def _empty(self) -> np.ndarray:
+        return np.zeros((0, 3, self.pre.size, self.pre.size), np.float32)
+
+    def predict(self, x: np.ndarray | ImageLike | Sequence[ImageLike]) -> np.ndarray | list[np.ndarray]:
+        """Logits (N, classes) for a preprocessed NCHW float32 array, PIL images or image files; a backbone
+        gives the list of its outputs. Runs in chunks of the artifact's batch (fixed batches padded)."""
+        if isinstance(x, np.ndarray):
+            return self._join(self.run(chunk) for chunk in self._chunks(self._checked(x)))
+        items = [x] if isinstance(x, (str, Path, Image.Image)) else list(x)
+        # Preprocessed a chunk at a time: a long list of files never sits in memory as one array.
+        return self._join(
+            self.run(self.preprocess(items[i : i + self.batch])) for i in range(0, len(items), self.batch)
+        )
+
+    def _checked(self, x: np.ndarray) -> np.ndarray:
+        size = self.pre.size
+        if x.ndim != 4 or x.shape[1:] != (3, size, size):
+            raise BadInput(f"x: shape {list(x.shape)}; this artifact takes [N, 3, {size}, {size}] (NCHW, RGB)")
+        if not np.issubdtype(x.dtype, np.floating):
+            raise BadInput(f"x: dtype {x.dtype}; give preprocessed float32 (see Artifact.preprocess)")
+        return x
+
+    def _chunks(self, x: np.ndarray) -> Iterator[np.ndarray]:
+        for i in range(0, len(x), self.batch):
+            yield x[i : i + self.batch]
+
+    def run(self, x: np.ndarray) -> list[np.ndarray]:
+        """One chunk of at most `batch` preprocessed images through the runtime: every output, unpadded."""
+        n = len(x)
+        if n == 0:
+            return []
+        if self.runner.batch and n < self.runner.batch:  # a fixed-batch graph: repeat the last image
+            x = np.concatenate([x, np.repeat(x[-1:], self.runner.batch - n, axis=0)])
+        outs = self.runner(np.ascontiguousarray(x, np.float32))
+        outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
+        return [np.asarray(o, dtype=np.float32)[:n] for o in outs]
+
+    def _join(self, chunks: Iterable[list[np.ndarray]]) -> np.ndarray | list[np.ndarray]:
+        parts = [c for c in chunks if c]
+        if not parts:
+            empty = [np.zeros((0, *o.get("shape", [0, 0])[1:]), np.float32) for o in self.outputs]
+            return empty[0] if self.is_classifier else empty
+        joined = [np.concatenate(group) for group in zip(*parts, strict=True)]
+        return joined[0] if len(joined) == 1 and self.is_classifier else joined
+
+
+def load(path: str | Path, threads: int | None = None, batch: int | None = None) -> Artifact:
+    """An artifact directory written by convert (or the artifact file in it), after its sha256 check.
+
+    BackendUnavailable when its runtime is missing here; `batch` is the chunk size for a dynamic artifact."""
+    folder = Path(path)
+    if folder.is_file() and (folder.parent / mf.MANIFEST).is_file():
+        folder = folder.parent
+    if threads is not None:
+        check_count(threads, "--threads", "threads")
+    return Artifact(folder, mf.read(folder, verify=True), threads, batch)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def top_k(logits: np.ndarray, k: int, labels: list[str] | None) -> list[list[dict[str, Any]]]:
+    """Per image, the k most probable classes: [{"index", "label" (None without labels), "score"}, ...]."""
+    probs = softmax(logits)
+    k = min(k, probs.shape[1])
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return [
+        [{"index": int(i), "label": labels[i] if labels else None, "score": float(p[i])} for i in row]
+        for row, p in zip(order, probs, strict=True)
+    ]
+
+
+def output_stats(outputs: list[np.ndarray], specs: list[dict]) -> list[list[dict[str, Any]]]:
+    """Per image, each output's name, shape and statistics (what predict says about a backbone)."""
+    rows = []
+    for i in range(len(outputs[0]) if outputs else 0):
+        row = []
+        for out, spec in zip(outputs, specs, strict=False):
+            y = out[i].astype(np.float64)
+            row.append(
+                {
+                    "name": spec.get("name"),
+                    "shape": list(y.shape),
+                    "mean": float(y.mean()),
+                    "std": float(y.std()),
+                    "min": float(y.min()),
+                    "max": float(y.max()),
+                }
+            )
+        rows.append(row)
+    return rows
+
+
+def image_files(paths: Iterable[str | Path]) -> Iterator[Path]:
+    """Files as given and folders expanded (recursive, sorted); anything else is warned about and skipped."""
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = list_images(p)
+            if not found:
+                log.warning("%s: no images (%s) under it; skipped", p, ", ".join(sorted(IMAGE_SUFFIXES)))
+            yield from found
+        else:
+            yield p
