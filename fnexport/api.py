@@ -339,3 +339,43 @@ def image_files(paths: Iterable[str | Path]) -> Iterator[Path]:
             yield from found
         else:
             yield p
+
+
+def read_batches(files: Iterable[Path], pre: Preprocess, size: int) -> Iterator[tuple[np.ndarray, list[str]]]:
+    """Preprocessed chunks of `size` readable images and their names as given; one warning per unreadable file."""
+    arrays: list[np.ndarray] = []
+    names: list[str] = []
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                img.load()
+                arrays.append(pre(img))
+                names.append(str(path))
+        except IMAGE_ERRORS as err:
+            log.warning("%s: skipped, not a readable image (%s)", path, str(err).splitlines()[0][:80])
+        if len(arrays) == size:
+            yield np.stack(arrays), names
+            arrays, names = [], []
+    if arrays:
+        yield np.stack(arrays), names
+
+
+def predict(art: Artifact, paths: Iterable[str | Path], top: int = 5) -> Iterator[dict[str, Any]]:
+    """Per readable image, in order: {"file", "top": [{"index", "label", "score"}, ...]} for a classifier, or
+    {"file", "outputs": [{"name", "shape", "mean", "std", "min", "max"}, ...]} for a backbone.
+
+    Images are read a batch at a time (memory does not grow with their number); BadInput when none is readable."""
+    check_count(top, "--top", "classes")
+    given = list(paths)
+    n = 0
+    for x, names in read_batches(image_files(given), art.pre, art.batch):
+        outs = art.run(x)
+        if art.is_classifier:
+            rows = [{"top": row} for row in top_k(outs[0], top, art.labels)]
+        else:
+            rows = [{"outputs": row} for row in output_stats(outs, art.outputs)]
+        for name, row in zip(names, rows, strict=True):
+            n += 1
+            yield {"file": name} | row
+    if not n:
+        raise BadInput(f"{', '.join(map(str, given[:3]))}{' ...' if len(given) > 3 else ''}: no readable image")

@@ -331,6 +331,41 @@ def parity_command(
         raise CheckFailed("parity gate failed: " + "; ".join(bad))
 
 
+@app.command("predict")
+def predict_command(
+    artifact: Annotated[Path, typer.Argument(help="An artifact directory written by `fnexport convert`.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files and folders (searched recursively).")],
+    top: Annotated[int, typer.Option(help="Classes to show per image.")] = 5,
+    threads: Annotated[int | None, typer.Option(help="Runtime threads.")] = None,
+    as_json: Json = False,
+) -> None:
+    """Run an artifact on images from its manifest alone (no checkpoint): top classes with probabilities."""
+    api.check_count(top, "--top", "classes")
+    with api.load(artifact, threads) as art:
+        results = api.predict(art, images, top)
+        if not as_json:
+            for row in results:
+                _print(f"{row['file']}: {_describe(row)}")
+            return
+        # Streamed: one image's result at a time, so a folder of any size prints in flat memory.
+        first = next(results)  # BadInput (exit 2) before anything is printed when no image is readable
+        _print('{"predictions": [\n  ' + json.dumps(first))
+        for row in results:
+            _print("  ," + json.dumps(row))
+        _print("]}")
+
+
+def _describe(row: dict) -> str:
+    if "top" in row:
+        return ", ".join(
+            f"{t['label'] if t['label'] is not None else '#' + str(t['index'])} {t['score']:.4f}" for t in row["top"]
+        )
+    return "; ".join(
+        f"{o['name']} {o['shape']} mean {o['mean']:.4g} std {o['std']:.4g} min {o['min']:.4g} max {o['max']:.4g}"
+        for o in row["outputs"]
+    )
+
+
 @app.command("calib")
 def calib_command(
     source: Annotated[

@@ -166,3 +166,50 @@ def test_app_help_lists_commands():
     assert result.exit_code == 0
     for command in ("convert", "inspect", "doctor", "demo"):
         assert command in result.stdout
+
+
+def test_predict_json_schema_and_scores(converted, tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    import fnexport
+
+    out, _ = converted
+    monkeypatch.chdir(tmp_path)  # short relative names: rich does not wrap the warnings mid-name
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "sub/b.jpg"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (70, 90, 3), dtype=np.uint8)).save(tmp_path / name)
+    (tmp_path / "sub" / "broken.jpg").write_text("not an image")
+    rc, stdout, stderr = cli("predict", str(out), ".", "--top", "3", "--json")
+    assert rc == 0, stderr
+    assert " ".join(stderr.split()).count("broken.jpg: skipped") == 1
+    doc = json.loads(stdout)
+    assert list(doc) == ["predictions"] and [p["file"] for p in doc["predictions"]] == ["a.png", "sub/b.jpg"]
+    with fnexport.load(out) as art:
+        logits = art.predict([tmp_path / "a.png", tmp_path / "sub" / "b.jpg"])
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    for pred, p in zip(doc["predictions"], probs, strict=True):
+        assert list(pred) == ["file", "top"] and len(pred["top"]) == 3
+        for entry, index in zip(pred["top"], np.argsort(-p)[:3], strict=True):
+            assert list(entry) == ["index", "label", "score"] and entry["label"] is None
+            assert entry["index"] == index and abs(entry["score"] - p[index]) < 1e-6
+    rc, stdout, _ = cli("predict", str(out), "a.png", "--top", "2")
+    assert rc == 0 and stdout.startswith("a.png: #") and stdout.count("\n") == 1
+
+
+def test_predict_exit_codes(converted, tmp_path, monkeypatch):
+    out, _ = converted
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.jpg").write_text("not an image")
+    rc, stdout, stderr = cli("predict", str(out), "bad.jpg", "missing.png", "--json")
+    assert rc == 2 and stdout == "" and "no readable image" in stderr and "Traceback" not in stderr
+    assert " ".join(stderr.split()).count("skipped, not a readable image") == 2
+    rc, _, stderr = cli("predict", str(tmp_path), str(tmp_path / "bad.jpg"))
+    assert rc == 2 and "no manifest.json" in stderr
+    rc, _, stderr = cli("predict", str(out), str(tmp_path), "--top", "0")
+    assert rc == 2 and "--top 0" in stderr
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # the runtime is missing here
+    rc, _, stderr = cli("predict", str(out), str(tmp_path / "bad.jpg"))
+    assert rc == 3 and "onnxruntime is not installed" in stderr
