@@ -178,6 +178,17 @@ class Recipe(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _tensorrt_int8_opset(self) -> Recipe:
+        # The INT8 graph's float part is FP16 (as NVIDIA ModelOpt makes it), and QuantizeLinear takes FP16
+        # inputs and scales from opset 19; TensorRT's parser table (targets/tensorrt_qdq.py) ends at 20.
+        if (self.target, self.precision) == ("tensorrt", "int8") and self.opset < 19:
+            raise ValueError(
+                f"--opset {self.opset}: --target tensorrt --precision int8 needs opset 19 or 20 (its FP16 part "
+                "carries FP16 Q/DQ scales, which ONNX allows from opset 19); drop --opset for the default 20"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _dynamic_or_fixed_batch(self) -> Recipe:
         # A dynamic artifact takes any batch, so a batch size beside it describes nothing real, except for
         # OpenVINO, which compiles a dynamic model for batches of that size (THROUGHPUT; details.performance_hint).

@@ -113,7 +113,7 @@ def convert_fp16(src_onnx: Path, out: Path, keep_fp32_ops: tuple[str, ...] = ())
 class OrtRunner:
     """ONNX Runtime on CPU for `.onnx` and `.ort` files."""
 
-    def __init__(self, artifact: Path, threads: int | None = None) -> None:
+    def __init__(self, artifact: Path, threads: int | None = None, disabled_optimizers: tuple[str, ...] = ()) -> None:
         ort = require("onnxruntime", "onnx")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -121,7 +121,9 @@ class OrtRunner:
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(artifact), opts, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            str(artifact), opts, providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled_optimizers)
+        )
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
@@ -129,7 +131,7 @@ class OrtRunner:
             "runtime": f"onnxruntime {ort.__version__}",
             "provider": self.session.get_providers()[0],
             "threads": threads or os.cpu_count(),
-        }
+        } | ({"disabled_optimizers": list(disabled_optimizers)} if disabled_optimizers else {})
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(x, np.float32)})[0]

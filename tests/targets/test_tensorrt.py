@@ -6,12 +6,13 @@ import re
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 from packaging.requirements import Requirement
 
 from fnexport.bench import Plan
@@ -38,7 +39,14 @@ from fnexport.targets.tensorrt import (
 )
 from fnexport.targets.tensorrt_cuda import CUDA_BINDINGS, query_gpu
 from fnexport.targets.tensorrt_plan import default_timing_cache, engine_mismatch, summarize_layers
-from fnexport.targets.tensorrt_qdq import residual_adds, unsupported_ops, verify_qdq
+from fnexport.targets.tensorrt_qdq import (
+    conv_float_reason,
+    fp16_safe_scales,
+    gemm_float_reason,
+    residual_adds,
+    unsupported_ops,
+    verify_qdq,
+)
 from tests.targets.tensorrt_standin import (
     INSPECTOR_10,
     INSPECTOR_11,
@@ -104,71 +112,169 @@ def int8_dir(digits_ckpt, digits_dirs, tmp_path_factory):
     return prepare_dir(digits_ckpt, recipe, tmp_path_factory.mktemp("trt") / "int8")
 
 
-def test_int8_graph_follows_tensorrt_qdq_rules(int8_dir):
+def test_int8_graph_has_modelopts_placement_on_t0(int8_dir):
+    """The counts NVIDIA ModelOpt 0.47's ONNX INT8 quantizer gave on T0 (CONTEXT.md), checked one by one."""
     model = onnx.load(str(int8_dir / "model.onnx"))
     assert verify_qdq(model) == []
     g = model.graph
     inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
     producer = {o: n for n in g.node for o in n.output}
-    qs = [n for n in g.node if n.op_type == "QuantizeLinear"]
-    dqs = [n for n in g.node if n.op_type == "DequantizeLinear"]
-    assert all(not inits[n.input[2]].any() and inits[n.input[2]].dtype == np.int8 for n in qs + dqs)
-    weighted = [n for n in g.node if n.op_type in ("Conv", "Gemm")]
-    assert len(weighted) == 45  # T0: 44 convolutions and the classifier
-    for n in weighted:
-        assert producer[n.input[0]].op_type == "DequantizeLinear"
+    consumers = {t: [n for n in g.node if t in n.input] for n in g.node for t in n.output}
+
+    def fake_quantized(t):
+        return t in producer and producer[t].op_type == "DequantizeLinear" and producer[t].input[0] not in inits
+
+    convs = [n for n in g.node if n.op_type == "Conv"]
+    quantized = [n for n in convs if fake_quantized(n.input[0])]
+    assert (len(convs), len(quantized)) == (44, 43)
+    (small,) = [n for n in convs if n not in quantized]  # the stage-0 PConv, 10 of T0's 40 channels
+    assert inits[small.input[1]].shape[:2] == (10, 10) and inits[small.input[1]].dtype == np.float16
+    for n in quantized:
         w_dq = producer[n.input[1]]
         w, scale = inits[w_dq.input[0]], inits[w_dq.input[1]]
-        assert w.dtype == np.int8 and scale.shape == (w.shape[0],)  # per output channel
-        if len(n.input) > 2:
-            assert inits[n.input[2]].dtype == np.float32  # bias not quantized
-    assert all(inits[n.input[1]].size == 1 for n in qs)  # activations per tensor
-    # No Q/DQ after a Conv/Gemm; every residual Add gets its shortcut (not its Conv branch) quantized.
-    assert not [
-        q for q in qs if producer.get(q.input[0]) is not None and producer[q.input[0]].op_type in ("Conv", "Gemm")
-    ]
+        assert w.dtype == np.int8 and scale.shape == (w.shape[0],) and scale.dtype == np.float16  # per channel
+        assert len(n.input) == 2 or inits[n.input[2]].dtype == np.float16  # bias (none on PConv): not quantized
+    (gemm,) = [n for n in g.node if n.op_type == "Gemm"]  # the 10-class head: a GEMV, stays FP16
+    assert not fake_quantized(gemm.input[0]) and inits[gemm.input[1]].dtype == np.float16
+    # Residual Adds: the shortcut quantized (also where a Conv made it: the stem and the 3 merging convs),
+    # the branch straight from the block's last Conv, which TensorRT fuses the Add into.
     adds = residual_adds(model)
-    assert len(adds) == 13
-    for add in adds:
-        kinds = sorted(producer[t].op_type for t in add.input)
-        assert kinds in (["Conv", "DequantizeLinear"], ["Conv", "Conv"])  # Conv, Conv: shortcut is a merging conv
-    assert len(qs) == 45 + sum(1 for a in adds if "DequantizeLinear" in [producer[t].op_type for t in a.input])
+    assert len(adds) == 13 == sum(n.op_type == "Add" for n in g.node)
+    shortcut_sources = Counter()
+    for n in g.node:
+        if n.name in adds:
+            shortcut, branch = (n.input[k] for k in adds[n.name])
+            assert fake_quantized(shortcut) and producer[branch].op_type == "Conv"
+            shortcut_sources[producer[producer[producer[shortcut].input[0]].input[0]].op_type] += 1
+    assert shortcut_sources == {"Add": 9, "Conv": 4}
+    # Each block's Split reads the shortcut's shared pair; nothing else gets Q/DQ.
+    splits = [n for n in g.node if n.op_type == "Split"]
+    assert len(splits) == 13 and all(fake_quantized(n.input[0]) for n in splits)
+    for op in ("Concat", "Gelu", "ReduceMean", "Flatten", "Gemm"):
+        assert not any(fake_quantized(t) for n in g.node if n.op_type == op for t in n.input), op
+    qs = [n for n in g.node if n.op_type == "QuantizeLinear"]
+    assert len(qs) == 43 + 13  # one per quantized Conv input, one per shortcut
+    assert all(inits[n.input[1]].size == 1 and inits[n.input[1]].dtype == np.float16 for n in qs)  # per tensor
+    assert all(not inits[n.input[2]].any() and inits[n.input[2]].dtype == np.int8 for n in qs)  # symmetric
+    assert not [q for q in qs if len(consumers[q.output[0]]) != 1]
+    # The float part is FP16 behind FP32 input and output: one Cast each, no FP32 initializer.
+    assert [i.type.tensor_type.elem_type for i in [*g.input, *g.output]] == [TensorProto.FLOAT] * 2
+    assert sum(n.op_type == "Cast" for n in g.node) == 2
+    assert not [i.name for i in g.initializer if i.data_type == TensorProto.FLOAT]
+    assert next(o.version for o in model.opset_import if o.domain == "") >= 19
+
+
+def test_placement_rules_match_modelopt():
+    """ModelOpt's INT8 exclusions (find_nodes_from_convs_to_exclude, _exclude_matmuls_by_shape_inference)."""
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3, 3])
+    assert conv_float_reason(conv, (10, 10, 3, 3), False)  # T0's stage-0 PConv
+    assert conv_float_reason(conv, (20, 20, 3, 3), False) is None  # T1's (16 and up)
+    assert conv_float_reason(conv, (40, 3, 4, 4), True) is None  # the stem: 3 input channels, 40 = 5 x 8 outputs
+    assert conv_float_reason(conv, (8, 12, 3, 3), False)  # a multiple of 8 but nothing reaches 16
+    assert conv_float_reason(conv, (8, 12, 3, 3), True) is None  # ... unless it reads the graph input
+    rect = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[1, 3])
+    assert conv_float_reason(rect, (8, 24, 1, 3), False)  # small and not square
+    grouped = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[3, 3], group=8)
+    assert conv_float_reason(grouped, (8, 1, 3, 3), False) is None
+    assert conv_float_reason(grouped, (12, 1, 3, 3), False)
+    assert "GEMV" in gemm_float_reason(1, 1280, 1000)  # batch 1 (or dynamic)
+    assert gemm_float_reason(16, 1280, 10)  # 10 classes: N under 16
+    assert gemm_float_reason(16, 1280, 1000) is None
 
 
 def test_verify_qdq_reports_broken_placements(int8_dir):
     good = onnx.load(str(int8_dir / "model.onnx"))
 
-    bad_zero_point = onnx.ModelProto.FromString(good.SerializeToString())
-    q = next(n for n in bad_zero_point.graph.node if n.op_type == "QuantizeLinear")
-    zp = next(i for i in bad_zero_point.graph.initializer if i.name == q.input[2])
+    def copy():
+        m = onnx.ModelProto.FromString(good.SerializeToString())
+        return m, m.graph, {o: n for n in m.graph.node for o in n.output}
+
+    bad_zero_point, g, _ = copy()
+    q = next(n for n in g.node if n.op_type == "QuantizeLinear")
+    zp = next(i for i in g.initializer if i.name == q.input[2])
     zp.CopyFrom(numpy_helper.from_array(np.array(3, np.int8), zp.name))
     assert any("zero point" in p for p in verify_qdq(bad_zero_point))
 
-    unquantized_conv = onnx.ModelProto.FromString(good.SerializeToString())
-    g = unquantized_conv.graph
-    producer = {o: n for n in g.node for o in n.output}
-    conv = next(n for n in g.node if n.op_type == "Conv")
+    unquantized_conv, g, producer = copy()
+    conv = next(n for n in g.node if n.op_type == "Conv" and producer[n.input[0]].op_type == "DequantizeLinear")
     conv.input[0] = producer[producer[conv.input[0]].input[0]].input[0]  # skip its Q/DQ
     assert any("input is not quantized" in p for p in verify_qdq(unquantized_conv))
 
-    quantized_output = onnx.ModelProto.FromString(good.SerializeToString())
-    g = quantized_output.graph
-    conv = next(
-        n for n in g.node if n.op_type == "Conv" and any(c.op_type == "Split" for c in g.node if n.output[0] in c.input)
-    )
-    split = next(c for c in g.node if conv.output[0] in c.input and c.op_type == "Split")
-    scale = numpy_helper.from_array(np.array(0.1, np.float32), "s_extra")
-    zero = numpy_helper.from_array(np.array(0, np.int8), "z_extra")
-    g.initializer.extend([scale, zero])
+    # The shortcut left float, then the branch quantized instead: both are TensorRT's residual rule broken.
+    adds = residual_adds(good)
+    float_shortcut, g, producer = copy()
+    add = next(n for n in g.node if n.name in adds)
+    k_short = adds[add.name][0]
+    add.input[k_short] = producer[producer[add.input[k_short]].input[0]].input[0]
+    assert any("shortcut" in p and "not quantized" in p for p in verify_qdq(float_shortcut))
+
+    quantized_branch, g, producer = copy()
+    add = next(n for n in g.node if n.name in adds)
+    branch = add.input[adds[add.name][1]]
+    shortcut_dq = producer[add.input[adds[add.name][0]]]
     g.node.extend(
         [
-            helper.make_node("QuantizeLinear", [conv.output[0], "s_extra", "z_extra"], ["q_extra"], name="q_extra"),
-            helper.make_node("DequantizeLinear", ["q_extra", "s_extra", "z_extra"], ["dq_extra"], name="dq_extra"),
+            helper.make_node("QuantizeLinear", [branch, shortcut_dq.input[1], shortcut_dq.input[2]], ["qb"], name="qb"),
+            helper.make_node(
+                "DequantizeLinear", ["qb", shortcut_dq.input[1], shortcut_dq.input[2]], ["dqb"], name="dqb"
+            ),
         ]
     )
-    split.input[0] = "dq_extra"
-    problems = verify_qdq(quantized_output)
-    assert any("output of Conv" in p for p in problems) and any("dq_extra" in p for p in problems)
+    add.input[adds[add.name][1]] = "dqb"
+    assert any("branch input" in p for p in verify_qdq(quantized_branch))
+
+    # Q/DQ before a Concat (an op TensorRT runs on whatever type it is given) is not ModelOpt's placement.
+    quantized_concat, g, producer = copy()
+    concat = next(n for n in g.node if n.op_type == "Concat")
+    conv_out = next(t for t in concat.input if producer[t].op_type == "Conv")
+    scale = next(i.name for i in g.initializer if i.data_type == TensorProto.FLOAT16 and not i.dims)
+    zero = next(n.input[2] for n in g.node if n.op_type == "QuantizeLinear")
+    g.node.extend(
+        [
+            helper.make_node("QuantizeLinear", [conv_out, scale, zero], ["qc"], name="qc"),
+            helper.make_node("DequantizeLinear", ["qc", scale, zero], ["dqc"], name="dqc"),
+        ]
+    )
+    concat.input[list(concat.input).index(conv_out)] = "dqc"
+    assert any(p.startswith("dqc: feeds ['Concat']") for p in verify_qdq(quantized_concat))
+
+    # An FP32 tensor inside the FP16 part (a bias left FP32).
+    fp32_inside, g, _ = copy()
+    conv = next(n for n in g.node if n.op_type == "Conv")
+    bias = next(i for i in g.initializer if i.name == conv.input[2])
+    bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias).astype(np.float32), bias.name))
+    assert any(f"{bias.name} is FLOAT inside the FP16 part" in p for p in verify_qdq(fp32_inside))
+
+
+def test_int8_below_opset_19_is_refused_before_any_work(digits_ckpt, digits_dirs, tmp_path):
+    out = tmp_path / "o"
+    code, stdout, stderr = cli(
+        "convert", str(digits_ckpt), "-t", "tensorrt", "-p", "int8", "--opset", "18", "--calib", str(digits_dirs[0]),
+        "-o", str(out),
+    )  # fmt: skip
+    assert code == 2 and stdout == "" and not out.exists()
+    assert stderr.strip().splitlines()[-1].startswith("error: --opset 18: --target tensorrt --precision int8 needs")
+
+
+def test_fp16_scales_never_underflow():
+    """A near-zero weight channel's scale is raised to FP16's smallest normal and its INT8 values re-rounded."""
+    w = np.array([[[[100]]], [[[-127]]]], np.int8)
+    scale = np.array([1e-7, 0.01], np.float32)
+    zero = np.zeros(2, np.int8)
+    model = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("DequantizeLinear", ["w", "s", "z"], ["y"], axis=0)],
+            "g",
+            [],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 1, 1, 1])],
+            [numpy_helper.from_array(a, n) for a, n in ((w, "w"), (scale, "s"), (zero, "z"))],
+        )
+    )
+    assert fp16_safe_scales(model) == 1
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert inits["s"].tolist() == [np.float32(2.0**-14), np.float32(0.01)]
+    assert inits["w"].ravel().tolist() == [0, -127]  # 100 x 1e-7 is 0.16 of a 6.1e-5 step: rounds to 0
+    assert np.float16(inits["s"][0]) > 0
 
 
 def test_int8_keeps_top1_on_held_out_digits(int8_dir, held_out):
@@ -183,6 +289,12 @@ def test_int8_keeps_top1_on_held_out_digits(int8_dir, held_out):
         details["prepared_check"]["passed"] and details["prepared_check"]["ran"]["provider"] == "CPUExecutionProvider"
     )
     assert details["parser_check"]["passed"]
+    # What stayed float and why, by node name; the FP16 part recorded with its FP32 I/O.
+    kept = list(details["kept_float"].values())
+    assert len(kept) == 2 and "10->10 channels" in kept[0] and "GEMV" in kept[1]  # stage-0 PConv, head Gemm
+    assert details["float_part"]["io"] == "float32" and details["float_part"]["qdq_scales"] == "float16"
+    assert details["qdq_ops"] == 56 and details["residual_adds"] == 13
+    assert details["prepared_check"]["ran"]["fp32_activation_absmax"] < 65504 / 2
 
 
 @pytest.fixture(scope="module")
