@@ -17,7 +17,7 @@ import typer
 import fnexport.api as api
 import fnexport.manifest as mf
 from fnexport.bench import bench, check_plot, plot, tabulate_speed
-from fnexport.console import console, log, setup_logging
+from fnexport.console import log, setup_logging
 from fnexport.data import DEFAULT_DATA, make_calibration, resolve
 from fnexport.demo import run_demo
 from fnexport.doctor import doctor
@@ -323,9 +323,7 @@ def parity_command(
     table = tabulate_parity(results, data or DEFAULT_DATA)
     for path in report or []:
         write_report(path, results, table)
-    console.print(table, markup=False, highlight=False)
-    if as_json:
-        _emit([r.to_dict() for r in results], True, "")
+    _emit([r.to_dict() for r in results], as_json, table)  # stdout: results only; progress went to stderr
     if not all_passed(results, allow_not_run):
         bad = [f"{r.dir} ({r.status}: {r.reason})" for r in results if r.status != "PASS"]
         raise CheckFailed("parity gate failed: " + "; ".join(bad))

@@ -103,80 +103,131 @@ def check(runner, x: np.ndarray, ref: np.ndarray, tol: Tolerance, labels: np.nda
 
 def compare(ref: np.ndarray, out: np.ndarray, tol: Tolerance, labels: np.ndarray | None = None) -> ParityReport:
     """Error statistics of `out` against `ref` and the failures against `tol`."""
-    if out.shape != ref.shape:
-        return ParityReport(
-            len(ref),
-            *([float("nan")] * 6),
-            None,
-            None,
-            tol.model_dump(),
-            [f"output shape {out.shape} != reference {ref.shape}"],
+    stats = ParityStats()
+    stats.add(ref, out, labels)
+    return stats.report(tol)
+
+
+class ParityStats:
+    """The figures of a ParityReport, accumulated batch by batch (the gate streams its images).
+
+    Maxima, minima and counts are exact; the mean error and the logit RMS are float64 sums, equal to the
+    whole-array figures to ~1e-15 relative. NaN propagates as it would in one array."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.out_n = 0
+        self.mismatch: tuple[tuple, tuple] | None = None  # (output, reference) shapes past the batch axis
+        self.max_abs = self.max_rel = 0.0
+        self.cosine = float("inf")
+        self.sum_abs = self.sum_sq = 0.0
+        self.values = 0  # logits seen: images x classes
+        self.classes = 0
+        self.top1 = self.top5 = 0
+        self.labelled = 0
+        self.hits = self.ref_hits = 0
+        self.finite = True
+
+    def add(self, ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None = None) -> None:
+        self.n += len(ref)
+        self.out_n += len(out)
+        if self.mismatch is not None or out.shape != ref.shape:
+            self.mismatch = self.mismatch or (out.shape[1:], ref.shape[1:])
+            return
+        diff = np.abs(out.astype(np.float64) - ref)
+        scale = np.abs(ref).max(axis=1, keepdims=True) + 1e-12
+        cos = np.sum(out * ref, axis=1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1) + 1e-12)
+        top1_ref = ref.argmax(1)
+        self.max_abs = float(np.maximum(self.max_abs, diff.max()))  # np.maximum/minimum keep a NaN
+        self.max_rel = float(np.maximum(self.max_rel, (diff / scale).max()))
+        self.cosine = float(np.minimum(self.cosine, cos.min()))
+        self.sum_abs += float(diff.sum())
+        self.sum_sq += float(np.sum(np.square(ref, dtype=np.float64)))
+        self.values += diff.size
+        self.classes = ref.shape[1]
+        self.top1 += int(np.sum(out.argmax(1) == top1_ref))
+        self.top5 += int(np.sum(np.any(np.argsort(-out, axis=1)[:, :5] == top1_ref[:, None], axis=1)))
+        if labels is not None:
+            self.labelled += len(labels)
+            self.ref_hits += int(np.sum(top1_ref == labels))
+            self.hits += int(np.sum(out.argmax(1) == labels))
+        self.finite = self.finite and bool(np.isfinite(out).all())
+
+    def report(self, tol: Tolerance) -> ParityReport:
+        """The figures so far and the failures against `tol`."""
+        if self.mismatch is not None:
+            (out_shape, ref_shape), nan = self.mismatch, float("nan")
+            shapes = f"output shape {(self.out_n, *out_shape)} != reference {(self.n, *ref_shape)}"
+            return ParityReport(self.n, nan, nan, nan, nan, nan, nan, None, None, tol.model_dump(), [shapes])
+        n, classes = self.n, self.classes
+        labelled = self.labelled == n and n > 0
+        rms = float(np.sqrt(self.sum_sq / self.values))
+        report = ParityReport(
+            n=n,
+            max_abs=self.max_abs,
+            mean_abs=self.sum_abs / self.values,
+            max_rel=self.max_rel,
+            cosine=self.cosine,
+            top1=self.top1 / n if classes > 1 else None,
+            top5=self.top5 / n if classes > 5 else None,
+            ref_accuracy=self.ref_hits / n if labelled else None,
+            accuracy=self.hits / n if labelled else None,
+            tolerance=tol.model_dump(),
+            max_abs_rms=scaled_error(self.max_abs, rms),
         )
-    diff = np.abs(out.astype(np.float64) - ref)
-    max_abs = float(diff.max())
-    scale = np.abs(ref).max(axis=1, keepdims=True) + 1e-12
-    cos = np.sum(out * ref, axis=1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1) + 1e-12)
-    top1_ref = ref.argmax(1)
-    classes = ref.shape[1]
-    top5_hit = np.any(np.argsort(-out, axis=1)[:, :5] == top1_ref[:, None], axis=1)
-    report = ParityReport(
-        n=len(ref),
-        max_abs=max_abs,
-        mean_abs=float(diff.mean()),
-        max_rel=float((diff / scale).max()),
-        cosine=float(cos.min()),
-        top1=float(np.mean(out.argmax(1) == top1_ref)) if classes > 1 else None,
-        top5=float(np.mean(top5_hit)) if classes > 5 else None,
-        ref_accuracy=None if labels is None else float(np.mean(top1_ref == labels)),
-        accuracy=None if labels is None else float(np.mean(out.argmax(1) == labels)),
-        tolerance=tol.model_dump(),
-        max_abs_rms=scaled_error(max_abs, ref),
-    )
-    if not np.isfinite(out).all():
-        report.failures.append("non-finite outputs")
-    if tol.atol is not None and not max_abs <= tol.atol:
-        report.failures.append(f"max abs error {max_abs:.3g} > atol {tol.atol:g}")
-    if tol.max_abs_rms is not None and not report.max_abs_rms <= tol.max_abs_rms:
-        report.failures.append(
-            f"max abs error {max_abs:.3g} is {report.max_abs_rms:.3g} x the logit RMS > {tol.max_abs_rms:g}"
-        )
-    if classes == 1:
-        # One logit: top-1 cannot disagree, and cosine is only the logit's sign, which flips on any image whose
-        # logit sits near 0 (healthy INT8 of a 1-class digits T0: cosine -1). The error bounds carry the gate.
-        report.not_applicable += ["cosine (1 class: only the sign)", "top-1 agreement (1 class)"]
+        max_abs = self.max_abs
+        if not self.finite:
+            report.failures.append("non-finite outputs")
+        if tol.atol is not None and not max_abs <= tol.atol:
+            report.failures.append(f"max abs error {max_abs:.3g} > atol {tol.atol:g}")
+        if tol.max_abs_rms is not None and not report.max_abs_rms <= tol.max_abs_rms:
+            report.failures.append(
+                f"max abs error {max_abs:.3g} is {report.max_abs_rms:.3g} x the logit RMS > {tol.max_abs_rms:g}"
+            )
+        if classes == 1:
+            # One logit: top-1 cannot disagree, and cosine is only the logit's sign, which flips on any image whose
+            # logit sits near 0 (healthy INT8 of a 1-class digits T0: cosine -1). The error bounds carry the gate.
+            report.not_applicable += ["cosine (1 class: only the sign)", "top-1 agreement (1 class)"]
+            return report
+        if tol.min_cosine is not None and not report.cosine >= tol.min_cosine:
+            report.failures.append(f"worst cosine {report.cosine:.6f} < {tol.min_cosine:g}")
+        if tol.min_top1 is not None and not report.top1 >= tol.min_top1:
+            report.failures.append(f"top-1 agreement {report.top1:.2%} < {tol.min_top1:.0%}")
         return report
-    if tol.min_cosine is not None and not report.cosine >= tol.min_cosine:
-        report.failures.append(f"worst cosine {report.cosine:.6f} < {tol.min_cosine:g}")
-    if tol.min_top1 is not None and not report.top1 >= tol.min_top1:
-        report.failures.append(f"top-1 agreement {report.top1:.2%} < {tol.min_top1:.0%}")
-    return report
 
 
-def scaled_error(max_abs: float, ref: np.ndarray) -> float:
-    """`max_abs` in units of the reference logits' RMS over every image and class.
+def scaled_error(max_abs: float, rms: float) -> float:
+    """`max_abs` in units of `rms`, the reference logits' RMS over every image and class.
 
     The RMS, not a per-image max: one image whose logits sit near 0 (common for 1- and 2-class heads) would
     make a per-image ratio huge for a healthy artifact. Logits scaled by k are off by (k-1)x every logit,
     so 5x logits score at least 4, whatever cosine and top-1 say."""
-    rms = float(np.sqrt(np.mean(np.square(ref, dtype=np.float64))))
     return max_abs / rms if rms > 0 else (0.0 if max_abs == 0 else float("inf"))
 
 
-def labels_for(model_labels: list[str] | None, num_classes: int, data) -> np.ndarray | None:
-    """Dataset labels as model class indices, when the folder's classes can be matched to the model's."""
-    if data.labels is None or data.classes is None:
+def label_map(
+    model_labels: list[str] | None, num_classes: int, classes: list[str] | None, source: str
+) -> np.ndarray | None:
+    """Folder class index -> model class index, when the folder's classes can be matched to the model's."""
+    if classes is None:
         return None
     if model_labels:
-        unknown = sorted(set(data.classes) - set(model_labels))
+        unknown = sorted(set(classes) - set(model_labels))
         if not unknown:
-            return np.array([model_labels.index(data.classes[i]) for i in data.labels])
+            return np.array([model_labels.index(c) for c in classes])
         why = f"its class folders {_few(unknown)} are not among the model's labels ({_few(model_labels)})"
-    elif len(data.classes) == num_classes:
-        return data.labels
+    elif len(classes) == num_classes:
+        return np.arange(num_classes)
     else:
-        why = f"it has {len(data.classes)} class folders for a {num_classes}-class model (and the model names none)"
-    log.warning("%s: %s, so accuracy is not computed", data.source, why)
+        why = f"it has {len(classes)} class folders for a {num_classes}-class model (and the model names none)"
+    log.warning("%s: %s, so accuracy is not computed", source, why)
     return None
+
+
+def labels_for(model_labels: list[str] | None, num_classes: int, data) -> np.ndarray | None:
+    """An in-memory set's labels as model class indices (see label_map)."""
+    mapping = label_map(model_labels, num_classes, data.classes, data.source)
+    return None if mapping is None or data.labels is None else mapping[data.labels]
 
 
 def _few(names: list[str]) -> str:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import importlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import ModuleType
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
+from rich.text import Text
 
 from fnexport.errors import BackendUnavailable
 
@@ -31,6 +33,30 @@ def step(what: str) -> Iterator[None]:
     with console.status(what):
         yield
     log.info("%s (%.1f s)", what, time.perf_counter() - start)
+
+
+class RateColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed:,.0f} img/s" if task.speed else "- img/s")
+
+
+@contextmanager
+def progress(what: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A bar with images/s and ETA on stderr while `what` runs (terminals only); yields advance(n_images).
+    Then one log line with the count and rate, which is what logs and CI keep."""
+    start, done = time.perf_counter(), 0
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task(what, total=total)
+
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            bar.advance(task, n)
+
+        yield advance
+    seconds = time.perf_counter() - start
+    log.info("%s: %d images in %.1f s (%.0f images/s)", what, done, seconds, done / max(seconds, 1e-9))
 
 
 def require(module: str, extra: str) -> ModuleType:

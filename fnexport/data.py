@@ -6,8 +6,10 @@ import os
 import random
 import shutil
 import tempfile
+from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -101,40 +103,114 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def load_images(source: str | Path, pre: Preprocess, samples: int | None = None, seed: int = 0) -> ImageSet:
-    """Read a folder (recursive, sorted, seeded sample of `samples`) or an embedded set name."""
+# Decoding runs in threads (PIL and numpy release the GIL) this many batches ahead of the consumer: enough to
+# overlap inference, and the only images in memory besides the batch being used, whatever the set's size.
+AHEAD = 2
+WORKERS = min(4, os.cpu_count() or 1)
+
+
+@dataclass
+class ImageStream:
+    """A folder's images, listed once (recursive, sorted, seeded sample), decoded batch by batch on demand.
+
+    Memory holds the file list and at most AHEAD batches being decoded, never the whole set. `skipped` fills
+    as unreadable files are met (one warning each)."""
+
+    folder: Path
+    files: list[Path]
+    classes: list[str] | None  # ImageFolder layout: one folder per class, images one level below
+    pre: Preprocess
+    source: str
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        """Images listed (and sampled): an upper bound on what batches() yields, known without decoding."""
+        return len(self.files)
+
+    @property
+    def labelled(self) -> bool:
+        return self.classes is not None
+
+    def batches(self, size: int) -> Iterator[tuple[np.ndarray, np.ndarray | None, list[str]]]:
+        """(x float32 NCHW, folder-class labels or None, files relative to the folder) of `size` readable
+        images each (the last may be smaller), in file order; BadInput at the end if none could be read."""
+        self.skipped = []
+        index = {name: i for i, name in enumerate(self.classes or ())}
+        window: deque[tuple[Path, Future]] = deque()
+        pending = iter(self.files)
+        used = 0
+        with ThreadPoolExecutor(WORKERS, thread_name_prefix="fnexport-decode") as pool:
+
+            def refill() -> None:
+                while len(window) < AHEAD * size:
+                    path = next(pending, None)
+                    if path is None:
+                        return
+                    window.append((path, pool.submit(self._decode, path)))
+
+            try:
+                refill()
+                while window:
+                    arrays, labels, names = [], [], []
+                    while window and len(arrays) < size:
+                        path, future = window.popleft()
+                        x = future.result()
+                        refill()
+                        if x is None:
+                            self.skipped.append(str(path))
+                            continue
+                        rel = path.relative_to(self.folder)
+                        arrays.append(x)
+                        names.append(str(rel))
+                        if self.classes is not None:
+                            labels.append(index[rel.parts[0]])
+                    if arrays:
+                        used += len(arrays)
+                        yield np.stack(arrays), np.array(labels) if self.classes is not None else None, names
+            finally:  # the consumer stopped early or failed: drop what was queued instead of decoding it
+                for _, future in window:
+                    future.cancel()
+        if not used:
+            raise BadInput(f"{self.folder}: none of the {len(self.files)} images could be read")
+
+    def _decode(self, path: Path) -> np.ndarray | None:
+        try:
+            with Image.open(path) as img:
+                img.load()
+                return self.pre(img)
+        # DecompressionBombError: a header claiming > 179M pixels (seen in fuzzed BMP/TIFF headers).
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
+            log.warning("%s: skipped, not a readable image (%s)", path, str(err).splitlines()[0][:80])
+            return None
+
+
+def open_images(source: str | Path, pre: Preprocess, samples: int | None = None, seed: int = 0) -> ImageStream:
+    """A folder (recursive, sorted, seeded sample of `samples`) or an embedded set name, listed, not decoded."""
     folder = resolve(source)
     if not folder.is_dir():
         raise BadInput(f"{folder}: not a folder of images; give a directory (or {EMBEDDED_PREFIX}natural)")
     files = list_images(folder)
     if not files:
         raise BadInput(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under it")
-    subdirs = sorted({p.relative_to(folder).parts[0] for p in files if len(p.relative_to(folder).parts) > 1})
-    labelled = bool(subdirs) and all(len(p.relative_to(folder).parts) == 2 for p in files)
+    rel = [p.relative_to(folder).parts for p in files]
+    subdirs = sorted({parts[0] for parts in rel if len(parts) > 1})
+    labelled = bool(subdirs) and all(len(parts) == 2 for parts in rel)
     if samples is not None and samples < len(files):
         files = sorted(random.Random(seed).sample(files, samples))
-    arrays, labels, used, skipped = [], [], [], []
-    for path in files:
-        try:
-            with Image.open(path) as img:
-                img.load()
-                arrays.append(pre(img))
-        # DecompressionBombError: a header claiming > 179M pixels (seen in fuzzed BMP/TIFF headers).
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
-            log.warning("%s: skipped, not a readable image (%s)", path, str(err).splitlines()[0][:80])
-            skipped.append(str(path))
-            continue
-        used.append(str(path.relative_to(folder)))
-        if labelled:
-            labels.append(subdirs.index(path.relative_to(folder).parts[0]))
-    if not arrays:
-        raise BadInput(f"{folder}: none of the {len(files)} images could be read")
+    return ImageStream(folder, files, subdirs if labelled else None, pre, str(source))
+
+
+def load_images(source: str | Path, pre: Preprocess, samples: int | None = None, seed: int = 0) -> ImageSet:
+    """The whole (small) set in memory, for what needs repeated passes: calibration, convert-time parity."""
+    stream = open_images(source, pre, samples, seed)
+    parts = list(stream.batches(64))
     return ImageSet(
-        x=np.ascontiguousarray(np.stack(arrays), dtype=np.float32),
-        labels=np.array(labels) if labelled else None,
-        classes=subdirs if labelled else None,
-        files=used,
-        skipped=skipped,
+        x=np.concatenate([x for x, _, _ in parts]),
+        labels=np.concatenate([y for _, y, _ in parts]) if stream.labelled else None,
+        classes=stream.classes,
+        files=[f for _, _, names in parts for f in names],
+        skipped=stream.skipped,
         source=str(source),
     )
 

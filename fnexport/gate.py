@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 import fnexport.manifest as mf
-from fnexport.comparison import ParityReport, check, labels_for, localize, reference, tolerance_for
-from fnexport.console import log, step
-from fnexport.data import DEFAULT_DATA, PARITY_SEED, ImageSet, Preprocess, load_images
+from fnexport.comparison import ParityReport, ParityStats, label_map, localize, reference, run, tolerance_for
+from fnexport.console import log, progress, step
+from fnexport.data import DEFAULT_DATA, PARITY_SEED, ImageStream, Preprocess, open_images
 from fnexport.errors import BackendUnavailable, BadInput, CheckFailed, what_is
 from fnexport.model.checkpoint import Checkpoint
 from fnexport.recipes import Tolerance
@@ -46,18 +47,110 @@ def gate(
     localize_failures: bool = False,
     threads: int | None = None,
 ) -> list[ArtifactResult]:
-    """Verify every artifact's hash first, then run each against the original model on the same inputs."""
-    inputs: dict[Preprocess, tuple[ImageSet, np.ndarray]] = {}
-    results = []
-    for d, manifest in read_verified(map(Path, dirs)):
+    """Verify every artifact's hash first, then run each against the original model on the same inputs.
+
+    The images stream from disk in batches, once per preprocessing: each batch goes through the original
+    model once and through every artifact that shares that preprocessing, so memory does not grow with
+    --samples (all of a group's runtimes are open at once instead)."""
+    verified = read_verified(map(Path, dirs))
+    groups: dict[Preprocess, list[int]] = {}
+    for i, (d, manifest) in enumerate(verified):
         if manifest["source"].get("sha256") and ckpt.sha256 and manifest["source"]["sha256"] != ckpt.sha256:
             log.warning("%s was converted from %s, not from %s: expect drift", d, manifest["source"]["path"], ckpt.path)
-        pre = preprocess_of(manifest)
-        if pre not in inputs:  # artifacts with the same preprocessing share images and reference logits
-            images = load_images(data or DEFAULT_DATA, pre, samples, seed=PARITY_SEED)
-            inputs[pre] = (images, reference(ckpt.model, images.x))
-        results.append(check_artifact(ckpt, d, manifest, *inputs[pre], override, localize_failures, threads))
-    return results
+        groups.setdefault(preprocess_of(manifest), []).append(i)
+    results: dict[int, ArtifactResult] = {}
+    for pre, members in groups.items():
+        stream = open_images(data or DEFAULT_DATA, pre, samples, seed=PARITY_SEED)
+        group = [verified[i] for i in members]
+        results |= zip(members, check_group(ckpt, group, stream, override, localize_failures, threads), strict=True)
+    return [results[i] for i in range(len(verified))]
+
+
+@dataclass
+class _Live:
+    """One artifact being checked: its runner and what has been accumulated so far."""
+
+    dir: Path
+    manifest: dict
+    tol: Tolerance
+    runner: object
+    stats: ParityStats = dataclasses.field(default_factory=ParityStats)
+    seconds: float = 0.0
+
+
+def check_group(
+    ckpt: Checkpoint,
+    group: list[tuple[Path, dict]],
+    stream: ImageStream,
+    override: Tolerance | None,
+    localize_failures: bool,
+    threads: int | None,
+) -> list[ArtifactResult]:
+    """Stream `stream` once through the original model and every artifact of `group` (same preprocessing),
+    judge each by its recipe's thresholds (then `override`), localize failures on the first batch."""
+    results: dict[Path, ArtifactResult] = {}
+    live: list[_Live] = []
+    for d, manifest in group:
+        target = get_target(manifest["target"])
+        precision = manifest["precision"]
+        tol = tolerance_for(precision, Tolerance(**manifest.get("recipe", {}).get("tolerance", {})), override)
+        try:
+            live.append(_Live(d, manifest, tol, target.runner(d / manifest["artifact"], manifest, threads)))
+        except BackendUnavailable as err:
+            results[d] = ArtifactResult(str(d), target.name, precision, "NOT RUN", reason=str(err))
+    to_model = label_map(ckpt.labels, ckpt.config.num_classes, stream.classes, stream.source)
+    first = None  # the first batch, kept for --localize
+    try:
+        if live:
+            names = ", ".join(f"{a.manifest['target']} {a.manifest['precision']}" for a in live)
+            size = max([BATCH, *(a.runner.batch or 0 for a in live)])
+            with progress(f"Parity of {names} on {stream.source}", stream.count) as advance:
+                skipped = 0
+                for x, y, _ in stream.batches(size):
+                    first = x if first is None and localize_failures else first
+                    ref = reference(ckpt.model, x)
+                    labels = None if to_model is None or y is None else to_model[y]
+                    for a in live:
+                        start = time.perf_counter()
+                        out = run(a.runner, x)
+                        a.seconds += time.perf_counter() - start
+                        a.stats.add(ref, out, labels)
+                    advance(len(x) + len(stream.skipped) - skipped)
+                    skipped = len(stream.skipped)
+    finally:
+        for a in live:
+            a.runner.close()
+    for a in live:
+        results[a.dir] = judge(ckpt, a, first, localize_failures)
+    return [results[d] for d, _ in group]
+
+
+BATCH = 32  # images per streamed batch (more when an artifact's fixed batch is larger)
+
+
+def judge(ckpt: Checkpoint, a: _Live, first: np.ndarray | None, localize_failures: bool) -> ArtifactResult:
+    """One artifact's verdict from its accumulated figures; on failure, localize the drift on `first`."""
+    report = a.stats.report(a.tol)
+    report.ran = dict(a.runner.info)
+    target, precision = a.manifest["target"], a.manifest["precision"]
+    log.info(
+        "%s %s (%s): %d images, %.1f s in its runtime (%.0f images/s)",
+        target, precision, a.dir, report.n, a.seconds, report.n / max(a.seconds, 1e-9),
+    )  # fmt: skip
+    result = ArtifactResult(
+        str(a.dir), target, precision, "PASS" if report else "FAIL", report, "; ".join(report.failures)
+    )
+    artifact = a.dir / a.manifest["artifact"]
+    if not report and localize_failures and first is not None:
+        if artifact.suffix == ".onnx":
+            with step(f"Localizing the drift in {artifact}"):
+                result.localized = localize(ckpt.model, artifact, first[: a.runner.batch or 4], precision)
+        else:
+            result.localized = {
+                "first_divergent": None,
+                "note": f"localization needs an .onnx artifact, not {artifact.suffix}",
+            }
+    return result
 
 
 def read_verified(dirs) -> list[tuple[Path, dict]]:
@@ -78,43 +171,6 @@ def preprocess_of(manifest: dict) -> Preprocess:
     return Preprocess(
         spec["shape"][2], tuple(spec["mean"]), tuple(spec["std"]), spec["crop_pct"], spec["interpolation"]
     )
-
-
-def check_artifact(
-    ckpt: Checkpoint,
-    d: Path,
-    manifest: dict,
-    images: ImageSet,
-    ref: np.ndarray,
-    override: Tolerance | None,
-    localize_failures: bool,
-    threads: int | None,
-) -> ArtifactResult:
-    """Run one artifact on `images`, judge it by its recipe's thresholds (then `override`), localize on failure."""
-    target = get_target(manifest["target"])
-    precision = manifest["precision"]
-    tol = tolerance_for(precision, Tolerance(**manifest.get("recipe", {}).get("tolerance", {})), override)
-    artifact = d / manifest["artifact"]
-    try:
-        runner = target.runner(artifact, manifest, threads)
-    except BackendUnavailable as err:
-        return ArtifactResult(str(d), target.name, precision, "NOT RUN", reason=str(err))
-    batch = runner.batch
-    with step(f"Running {target.name} {precision} ({d}) on {len(images.x)} images"):
-        report = check(runner, images.x, ref, tol, labels_for(ckpt.labels, ckpt.config.num_classes, images))
-    result = ArtifactResult(
-        str(d), target.name, precision, "PASS" if report else "FAIL", report, "; ".join(report.failures)
-    )
-    if not report and localize_failures:
-        if artifact.suffix == ".onnx":
-            with step(f"Localizing the drift in {artifact}"):
-                result.localized = localize(ckpt.model, artifact, images.x[: batch or 4], precision)
-        else:
-            result.localized = {
-                "first_divergent": None,
-                "note": f"localization needs an .onnx artifact, not {artifact.suffix}",
-            }
-    return result
 
 
 def all_passed(results: list[ArtifactResult], allow_not_run: bool = False) -> bool:

@@ -1,8 +1,10 @@
+import random
+
 import numpy as np
 import pytest
 from PIL import Image
 
-from fnexport.data import Preprocess, load_images, make_calibration
+from fnexport.data import Preprocess, list_images, load_images, make_calibration, open_images
 from fnexport.errors import BadInput
 
 
@@ -78,3 +80,48 @@ def test_make_calibration_is_stratified(tmp_path):
     n = make_calibration(embedded("digits"), tmp_path / "cal", per_class=3)
     assert n == 30
     assert sorted(len(list(d.iterdir())) for d in (tmp_path / "cal").iterdir()) == [3] * 10
+
+
+def _tree(root, classes=("cat", "dog"), per_class=10):
+    for cls in classes:
+        (root / cls).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (8 + i, 8), (i * 20, 0, 0)).save(root / cls / f"{i}.png")
+    return root
+
+
+def test_stream_keeps_the_sample_labels_and_skips_of_the_whole_set(tmp_path, caplog):
+    """Batches of exactly `size` readable images, in the seeded sample's file order, labels by folder."""
+    _tree(tmp_path)
+    (tmp_path / "dog" / "99_bad.png").write_bytes(b"garbage")
+    stream = open_images(tmp_path, Preprocess(32), samples=15, seed=3)
+    # the selection is the one the gate always drew: a seeded sample of the sorted recursive listing
+    assert stream.files == sorted(random.Random(3).sample(list_images(tmp_path), 15))
+    assert stream.count == 15 and stream.labelled and stream.classes == ["cat", "dog"]
+    parts = list(stream.batches(4))
+    bad = str(tmp_path / "dog" / "99_bad.png") in map(str, stream.files)
+    assert [len(x) for x, _, _ in parts] == [4, 4, 4, 3 - bad]
+    assert stream.skipped == ([str(tmp_path / "dog" / "99_bad.png")] if bad else [])
+    assert sum("99_bad.png" in r.message for r in caplog.records) == int(bad)
+    files = [f for _, _, names in parts for f in names]
+    labels = np.concatenate([y for _, y, _ in parts])
+    assert [stream.classes[i] for i in labels] == [f.split("/")[0] for f in files]
+    whole = load_images(tmp_path, Preprocess(32), samples=15, seed=3)
+    assert whole.files == files and np.array_equal(whole.labels, labels)
+    assert np.array_equal(whole.x, np.concatenate([x for x, _, _ in parts]))
+
+
+def test_stream_decodes_only_a_bounded_number_ahead(tmp_path, monkeypatch):
+    """Memory stays flat: a consumer that takes one batch has caused at most AHEAD more to be decoded."""
+    import fnexport.data as data
+
+    _tree(tmp_path, per_class=100)
+    decoded = []
+    monkeypatch.setattr(data.ImageStream, "_decode", lambda self, path: decoded.append(path) or np.zeros((3, 4, 4)))
+    batches = open_images(tmp_path, Preprocess(4)).batches(5)
+    x, y, _ = next(batches)
+    assert x.shape == (5, 3, 4, 4) and y.tolist() == [0] * 5
+    assert 5 <= len(decoded) <= (data.AHEAD + 1) * 5
+    batches.close()  # a consumer that stops early: the queued rest is dropped, not decoded
+    assert len(decoded) <= (data.AHEAD + 1) * 5
+    assert sum(len(x) for x, _, _ in open_images(tmp_path, Preprocess(4)).batches(7)) == 200
