@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,11 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 import fnexport.manifest as mf
-from fnexport.console import log
+from fnexport.console import log, progress
 from fnexport.conversion import convert as convert_checkpoint
-from fnexport.data import IMAGE_SUFFIXES, Preprocess, list_images
+from fnexport.data import IMAGE_SUFFIXES, ImageStream, Preprocess, list_images, open_images
 from fnexport.errors import BadInput
-from fnexport.gate import ArtifactResult, gate, preprocess_of
+from fnexport.gate import ArtifactResult, check_report, gate, preprocess_of
 from fnexport.model.checkpoint import Checkpoint, from_module, load_checkpoint
 from fnexport.recipes import MAX_BATCH, build_recipe, tolerance_from_flags
 from fnexport.targets import get_target
@@ -174,15 +175,15 @@ class Artifact:
         self.dir = folder
         self.manifest = manifest
         self.pre: Preprocess = preprocess_of(manifest)
-        self.runner = get_target(manifest["target"]).runner(folder / manifest["artifact"], manifest, threads)
-        fixed = self.runner.batch
         if batch is not None:
             check_count(batch, "--batch", "images")
             if batch > MAX_BATCH:
                 raise BadInput(f"--batch {batch}: at most {MAX_BATCH} images per call")
-            if fixed and batch != fixed:
-                self.close()
-                raise BadInput(f"--batch {batch}: {folder} has a fixed batch of {fixed}; drop --batch or give {fixed}")
+        self.runner = get_target(manifest["target"]).runner(folder / manifest["artifact"], manifest, threads)
+        fixed = self.runner.batch
+        if batch is not None and fixed and batch != fixed:
+            self.close()
+            raise BadInput(f"--batch {batch}: {folder} has a fixed batch of {fixed}; drop --batch or give {fixed}")
         # Fixed-batch graphs take exactly their batch (the last chunk is padded); dynamic ones any.
         self.batch: int = fixed or batch or DEFAULT_BATCH
 
@@ -208,13 +209,11 @@ class Artifact:
     @property
     def outputs(self) -> list[dict]:
         """The artifact's outputs as the manifest names them: [{"name", "shape"}, ...] (one for a classifier)."""
-        outs = self.manifest.get("outputs", self.manifest.get("output"))
-        outs = outs if isinstance(outs, list) else [outs or {"name": "logits"}]
-        return [o if isinstance(o, dict) else {"name": str(o)} for o in outs]
+        return outputs(self.manifest)
 
     @property
     def is_classifier(self) -> bool:
-        return self.manifest.get("kind", "classifier") == "classifier" and len(self.outputs) == 1
+        return is_classifier(self.manifest)
 
     def preprocess(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:
         """Images (PIL, or file paths) as the artifact's NCHW float32 input, preprocessed as its manifest says."""
@@ -279,6 +278,18 @@ class Artifact:
         return joined[0] if len(joined) == 1 and self.is_classifier else joined
 
 
+def outputs(manifest: dict) -> list[dict]:
+    """An artifact's outputs as its manifest names them: [{"name", "shape"}, ...] (one for a classifier)."""
+    outs = manifest.get("outputs", manifest.get("output"))
+    outs = outs if isinstance(outs, list) else [outs or {"name": "logits"}]
+    return [o if isinstance(o, dict) else {"name": str(o)} for o in outs]
+
+
+def is_classifier(manifest: dict) -> bool:
+    """Logits out (a backbone's manifest says kind backbone, or lists several outputs)."""
+    return manifest.get("kind", "classifier") == "classifier" and len(outputs(manifest)) == 1
+
+
 def load(path: str | Path, threads: int | None = None, batch: int | None = None) -> Artifact:
     """An artifact directory written by convert (or the artifact file in it), after its sha256 check.
 
@@ -341,41 +352,181 @@ def image_files(paths: Iterable[str | Path]) -> Iterator[Path]:
             yield p
 
 
-def read_batches(files: Iterable[Path], pre: Preprocess, size: int) -> Iterator[tuple[np.ndarray, list[str]]]:
-    """Preprocessed chunks of `size` readable images and their names as given; one warning per unreadable file."""
-    arrays: list[np.ndarray] = []
-    names: list[str] = []
-    for path in files:
-        try:
-            with Image.open(path) as img:
-                img.load()
-                arrays.append(pre(img))
-                names.append(str(path))
-        except IMAGE_ERRORS as err:
-            log.warning("%s: skipped, not a readable image (%s)", path, str(err).splitlines()[0][:80])
-        if len(arrays) == size:
-            yield np.stack(arrays), names
-            arrays, names = [], []
-    if arrays:
-        yield np.stack(arrays), names
-
-
 def predict(art: Artifact, paths: Iterable[str | Path], top: int = 5) -> Iterator[dict[str, Any]]:
     """Per readable image, in order: {"file", "top": [{"index", "label", "score"}, ...]} for a classifier, or
     {"file", "outputs": [{"name", "shape", "mean", "std", "min", "max"}, ...]} for a backbone.
 
-    Images are read a batch at a time (memory does not grow with their number); BadInput when none is readable."""
+    Images are streamed a batch at a time, decoded in threads while the runtime works (memory does not grow
+    with their number); one warning per unreadable file; BadInput when none is readable."""
     check_count(top, "--top", "classes")
     given = list(paths)
+    files = list(image_files(given))
+    # One stream over files from anywhere: relative names stay as given; with any absolute one, every file is
+    # named from the filesystem root (and shown as given in the results).
+    if any(f.is_absolute() for f in files):
+        root, listed = Path(Path.cwd().anchor), [f.absolute() for f in files]
+    else:
+        root, listed = Path(), files
+    shown = {str(f.relative_to(root)): str(given_as) for f, given_as in zip(listed, files, strict=True)}
+    stream = ImageStream(root, listed, None, art.pre, "predict")
     n = 0
-    for x, names in read_batches(image_files(given), art.pre, art.batch):
-        outs = art.run(x)
-        if art.is_classifier:
-            rows = [{"top": row} for row in top_k(outs[0], top, art.labels)]
-        else:
-            rows = [{"outputs": row} for row in output_stats(outs, art.outputs)]
-        for name, row in zip(names, rows, strict=True):
-            n += 1
-            yield {"file": name} | row
-    if not n:
-        raise BadInput(f"{', '.join(map(str, given[:3]))}{' ...' if len(given) > 3 else ''}: no readable image")
+    try:
+        for x, _, names in stream.batches(art.batch):
+            outs = art.run(x)
+            if art.is_classifier:
+                rows = [{"top": row} for row in top_k(outs[0], top, art.labels)]
+            else:
+                rows = [{"outputs": row} for row in output_stats(outs, art.outputs)]
+            for name, row in zip(names, rows, strict=True):
+                n += 1
+                yield {"file": shown[name]} | row
+    except BadInput:
+        if n:
+            raise
+        shown_args = ", ".join(map(str, given[:3])) + (" ..." if len(given) > 3 else "")
+        raise BadInput(f"{shown_args}: no readable image") from None
+
+
+def _few(names: Sequence[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def class_mapping(classes: list[str], manifest: dict, d: Path, data: str) -> tuple[np.ndarray, str]:
+    """Model output index of each class folder (sorted), and how it was found: by the manifest's labels (by
+    name) when it has labels, otherwise the sorted folder order."""
+    labels = manifest.get("labels")
+    if labels:
+        unknown = [c for c in classes if c not in labels]
+        if unknown:
+            raise BadInput(
+                f"--data {data}: class folder(s) {_few(unknown)} are not among {d}'s labels "
+                f"({_few(labels)}); name the folders after the labels"
+            )
+        return np.array([labels.index(c) for c in classes]), "manifest labels (by name)"
+    num_classes = manifest["model"]["num_classes"]
+    if len(classes) > num_classes:
+        raise BadInput(
+            f"--data {data}: {len(classes)} class folders for {d}'s {num_classes} outputs (and its manifest "
+            "names no classes); give one folder per class"
+        )
+    return np.arange(len(classes)), "sorted folder order (the manifest has no labels)"
+
+
+def val(
+    artifacts: str | Path | Iterable[str | Path],
+    data: str | Path,
+    samples: int | None = None,
+    *,
+    batch: int | None = None,
+    threads: int | None = None,
+) -> list[dict[str, Any]]:
+    """Top-1/top-5 accuracy of each artifact on a labelled ImageFolder tree (one folder per class), no checkpoint.
+
+    Images are streamed a batch at a time (decoded in threads while the runtime works), so memory stays flat
+    in the number of images. One dict per artifact: artifact, target, precision, n, top1, top5 (None with 5
+    classes or fewer), mapping, skipped, seconds, images_per_s, batch."""
+    dirs = [artifacts] if isinstance(artifacts, (str, Path)) else list(artifacts)
+    if samples is not None:
+        check_count(samples, "--samples", "images")
+    for value, flag, what in ((batch, "--batch", "images"), (threads, "--threads", "threads")):
+        if value is not None:
+            check_count(value, flag, what)
+    # Every hash, the data's layout and each class mapping are checked before any artifact runs.
+    jobs = []
+    streams: dict[Preprocess, Any] = {}
+    for d in map(Path, dirs):
+        manifest = mf.read(d, verify=True)
+        if not is_classifier(manifest):
+            raise BadInput(f"{d}: a backbone artifact has no classes to score; val needs a classifier")
+        fixed = manifest["input"]["shape"][0]
+        if batch is not None and isinstance(fixed, int) and batch != fixed:
+            raise BadInput(f"--batch {batch}: {d} has a fixed batch of {fixed}; drop --batch or give {fixed}")
+        pre = preprocess_of(manifest)
+        if pre not in streams:  # listed once per preprocessing; decoded again for each artifact, never kept
+            streams[pre] = open_images(data, pre, samples)
+            if streams[pre].classes is None:
+                raise BadInput(
+                    f"--data {data}: not a labelled ImageFolder tree; give one folder per class with the images "
+                    "directly inside"
+                )
+        jobs.append((d, manifest, streams[pre], *class_mapping(streams[pre].classes, manifest, d, str(data))))
+    results = []
+    for d, manifest, stream, to_model, mapping in jobs:
+        log.info("%s: class folders mapped to outputs by %s", d, mapping)
+        with Artifact(d, manifest, threads, batch) as art:
+            results.append(_accuracy(art, stream, to_model) | {"mapping": mapping})
+    return results
+
+
+def _accuracy(art: Artifact, stream: Any, to_model: np.ndarray) -> dict[str, Any]:
+    n = top1 = top5 = 0
+    start = time.perf_counter()
+    with progress(f"val {art.dir}", stream.count) as advance:
+        for x, labels, _ in stream.batches(art.batch):
+            (logits,) = art.run(x)[:1]
+            truth = to_model[labels]
+            top1 += int((logits.argmax(1) == truth).sum())
+            k = min(5, logits.shape[1])
+            top5 += int((np.argpartition(-logits, k - 1, axis=1)[:, :k] == truth[:, None]).any(1).sum())
+            n += len(x)
+            advance(len(x))
+    seconds = time.perf_counter() - start
+    manifest = art.manifest
+    return {
+        "artifact": str(art.dir),
+        "target": manifest["target"],
+        "precision": manifest["precision"],
+        "n": n,
+        "top1": top1 / n,
+        # With 5 classes or fewer every class is in the top 5: a 100% that would mean nothing.
+        "top5": top5 / n if art.num_classes > 5 else None,
+        "skipped": len(stream.skipped),
+        "seconds": seconds,
+        "images_per_s": n / seconds,
+        "batch": art.batch,
+    }
+
+
+VAL_TITLE = "Validation accuracy"
+VAL_KEYS = {"artifact", "n", "top1", "top5"}
+
+
+def tabulate_val(results: list[dict[str, Any]], data: str) -> str:
+    """A Markdown table of val results (the terminal output and the .md report)."""
+    lines = [
+        f"{VAL_TITLE} on {data}",
+        "",
+        "| artifact | target | precision | images | top-1 | top-5 | skipped | images/s | classes mapped by |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        top5 = "n/a" if r["top5"] is None else f"{r['top5']:.2%}"
+        lines.append(
+            f"| {r['artifact']} | {r['target']} | {r['precision']} | {r['n']} | {r['top1']:.2%} | {top5} | "
+            f"{r['skipped']} | {r['images_per_s']:.1f} | {r['mapping']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def is_val_report(path: Path) -> bool:
+    """An earlier `fnexport val --report` file: the Markdown table, or a JSON list of val results."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    if path.suffix == ".md":
+        return text.startswith(VAL_TITLE)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(data, list) and all(isinstance(r, dict) and VAL_KEYS <= r.keys() for r in data)
+
+
+def check_val_report(path: Path) -> None:
+    """--report of val: a .json/.md file name, new or an earlier val report (never another file)."""
+    check_report(path, is_val_report, "val report")
+
+
+def write_val_report(path: Path, results: list[dict[str, Any]], table: str) -> None:
+    mf.write_text(path, json.dumps(results, indent=2) + "\n" if path.suffix == ".json" else table)

@@ -364,6 +364,31 @@ def _describe(row: dict) -> str:
     )
 
 
+@app.command("val")
+def val_command(
+    artifacts: Annotated[list[Path], typer.Argument(help="Artifact directories written by `fnexport convert`.")],
+    data: Annotated[str, typer.Option(help="Labelled ImageFolder tree: one folder per class, named as the labels.")],
+    samples: Annotated[int | None, typer.Option(help="Images to score (seeded sample; default all).")] = None,
+    report: Annotated[list[Path] | None, typer.Option(help="Write the results: .json or .md (repeatable).")] = None,
+    threads: Annotated[int | None, typer.Option(help="Runtime threads.")] = None,
+    batch: Annotated[
+        int | None,
+        typer.Option(
+            help="Images per call (default: a fixed-batch artifact's own, which is the only one it takes; else 32)."
+        ),
+    ] = None,
+    as_json: Json = False,
+) -> None:
+    """Top-1/top-5 accuracy of artifacts on a labelled folder, no checkpoint needed; streamed in flat memory."""
+    for path in report or []:
+        api.check_val_report(path)  # before the run: a bad --report must not cost it
+    results = api.val(artifacts, data, samples, batch=batch, threads=threads)
+    table = api.tabulate_val(results, data)
+    for path in report or []:
+        api.write_val_report(path, results, table)
+    _emit(results[0] if len(results) == 1 else results, as_json, table)
+
+
 @app.command("calib")
 def calib_command(
     source: Annotated[

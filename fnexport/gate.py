@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -214,8 +215,9 @@ REPORT_SUFFIXES = (".json", ".md")
 MD_TITLE = "Parity against PyTorch"
 
 
-def check_report(path: Path) -> None:
-    """Before the gate runs: --report names a .json/.md file in an existing folder, new or an earlier report.
+def check_report(path: Path, ours: Callable[[Path], bool] | None = None, kind: str = "parity report") -> None:
+    """Before the gate runs: --report names a .json/.md file in an existing folder, new or an earlier report
+    (of this `kind`, recognised by `ours`, default a parity report).
 
     Never anything else: not a manifest.json, an artifact or a user's notes that happen to share the name."""
     if path.suffix not in REPORT_SUFFIXES:
@@ -228,8 +230,8 @@ def check_report(path: Path) -> None:
     if path.exists() or path.is_symlink():
         if not path.is_file():
             raise BadInput(f"--report {path}: {what_is(path)}")
-        if not is_report(path):
-            raise BadInput(f"--report {path}: exists and is not an fnexport parity report; choose a new file name")
+        if not (ours or is_report)(path):
+            raise BadInput(f"--report {path}: exists and is not an fnexport {kind}; choose a new file name")
 
 
 def is_report(path: Path) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -212,3 +214,111 @@ def test_variant_module_names_its_default_out(tmp_path, monkeypatch):
     out = fnexport.convert(randomize_bn(FasterNet(VARIANTS["fasternet_t0"])), imgsz=32)
     assert out == tmp_path.joinpath("exports", "fasternet_t0-onnx-fp32").relative_to(tmp_path)
     assert (tmp_path / out / "manifest.json").is_file()
+
+
+# --- val: accuracy from the artifact alone ---
+
+
+@pytest.fixture(scope="module")
+def digits_artifacts(digits_ckpt, tmp_path_factory):
+    """The digits T0 converted twice: from its file (labels "0".."9" in the manifest) and from memory (none)."""
+    from fnexport.model.checkpoint import load_checkpoint
+
+    root = tmp_path_factory.mktemp("val")
+    pre = dict(imgsz=64, crop_pct=1.0, interpolation="bilinear", data="embedded:digits")
+    labelled = fnexport.convert(digits_ckpt, out=root / "labelled", batch=8, **pre)
+    model = load_checkpoint(digits_ckpt).model
+    unlabelled = fnexport.convert(model, out=root / "unlabelled", dynamic=True, **pre)
+    return labelled, unlabelled, model
+
+
+def torch_accuracy(model, folder) -> tuple[float, float, int]:
+    from fnexport.data import Preprocess, load_images
+
+    images = load_images(folder, Preprocess(64, crop_pct=1.0, interpolation="bilinear"))
+    with torch.no_grad():
+        logits = model(torch.from_numpy(images.x)).numpy()
+    top5 = np.argsort(-logits, 1)[:, :5]
+    return (
+        float((logits.argmax(1) == images.labels).mean()),
+        float((top5 == images.labels[:, None]).any(1).mean()),
+        len(images.labels),
+    )
+
+
+def test_val_equals_pytorch_accuracy(digits_artifacts, digits_dirs, tmp_path):
+    from tests.test_cli import cli
+
+    labelled, unlabelled, model = digits_artifacts
+    top1, top5, n = torch_accuracy(model, digits_dirs[1])
+    assert top1 > 0.8  # a real, trained model
+    report = tmp_path / "val.md"
+    rc, stdout, stderr = cli("val", str(labelled), "--data", str(digits_dirs[1]), "--json", "--report", str(report))
+    assert rc == 0, stderr
+    result = json.loads(stdout)
+    assert result["n"] == n and result["artifact"] == str(labelled)
+    assert abs(result["top1"] - top1) <= 1 / n and abs(result["top5"] - top5) <= 1 / n
+    assert "manifest labels (by name)" in " ".join(stderr.split())
+    assert report.read_text().startswith("Validation accuracy") and str(labelled) in report.read_text()
+    # Several artifacts: a list, each naming its artifact; without labels the sorted folder order is used.
+    rc, stdout, stderr = cli(
+        "val", str(labelled), str(unlabelled), "--data", str(digits_dirs[1]), "--json", "--batch", "8",
+        "--report", str(report),
+    )  # fmt: skip
+    assert rc == 0, stderr
+    both = json.loads(stdout)
+    assert [r["artifact"] for r in both] == [str(labelled), str(unlabelled)]
+    assert both[0]["batch"] == both[1]["batch"] == 8  # the fixed batch as given; --batch sets the dynamic one's
+    assert abs(both[1]["top1"] - top1) <= 1 / n and "sorted folder order" in both[1]["mapping"]
+    assert "sorted folder order" in " ".join(stderr.split())
+
+
+def test_val_samples_and_api(digits_artifacts, digits_dirs):
+    labelled, _, _ = digits_artifacts
+    (result,) = fnexport.api.val(labelled, digits_dirs[1], samples=40)
+    assert result["n"] == 40 and 0 <= result["top1"] <= result["top5"] <= 1
+
+
+def test_val_bad_input(digits_artifacts, digits_dirs, tmp_path):
+    from tests.test_cli import cli
+
+    labelled, _, _ = digits_artifacts
+    odd = tmp_path / "odd"
+    for name in ("3", "cat", "dog"):
+        (odd / name).mkdir(parents=True)
+        src = next((digits_dirs[1] / "3").iterdir())
+        (odd / name / src.name).write_bytes(src.read_bytes())
+    rc, stdout, stderr = cli("val", str(labelled), "--data", str(odd))
+    assert rc == 2 and stdout == "" and "cat, dog" in stderr and "Traceback" not in stderr
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "x.png").write_bytes(src.read_bytes())
+    rc, _, stderr = cli("val", str(labelled), "--data", str(flat))
+    assert rc == 2 and "not a labelled ImageFolder" in stderr
+    notes = tmp_path / "notes.md"
+    notes.write_text("my notes")
+    rc, _, stderr = cli("val", str(labelled), "--data", str(digits_dirs[1]), "--report", str(notes))
+    assert rc == 2 and "not an fnexport val report" in stderr and notes.read_text() == "my notes"
+    rc, _, stderr = cli("val", str(labelled), "--data", str(digits_dirs[1]), "--batch", "4")
+    assert rc == 2 and "fixed batch of 8" in stderr
+    rc, _, stderr = cli("val", str(labelled), "--data", str(digits_dirs[1]), "--samples", "0")
+    assert rc == 2 and "--samples 0" in stderr
+
+
+def test_val_top5_is_null_with_five_classes_or_fewer(digits_dirs, tmp_path):
+    import dataclasses
+
+    from tests.test_cli import cli
+
+    torch.manual_seed(0)
+    model = randomize_bn(FasterNet(dataclasses.replace(VARIANTS["fasternet_t0"], num_classes=3)))
+    out = fnexport.convert(model, out=tmp_path / "three", imgsz=32, dynamic=True)
+    data = tmp_path / "three-classes"
+    for name in ("0", "1", "2"):
+        (data / name).mkdir(parents=True)
+        for src in sorted((digits_dirs[1] / name).iterdir())[:3]:
+            (data / name / src.name).write_bytes(src.read_bytes())
+    rc, stdout, stderr = cli("val", str(out), "--data", str(data), "--json")
+    assert rc == 0, stderr
+    result = json.loads(stdout)
+    assert result["n"] == 9 and result["top5"] is None and "n/a" not in stdout
