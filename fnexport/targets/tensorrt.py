@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
@@ -116,25 +117,30 @@ def prepare(src: Source, recipe: Recipe, out: Path) -> dict[str, Any]:
     return details
 
 
-def prepare_int8(src: Source, recipe: Recipe, fp32: Path, out: Path) -> dict[str, Any]:
+def prepare_int8(
+    src: Source, recipe: Recipe, fp32: Path, out: Path, method: str | None = None, exclude: Sequence[str] = ()
+) -> dict[str, Any]:
     """INT8 as ModelOpt places it for TensorRT (tensorrt_qdq), the float part FP16 with FP32 inputs and outputs.
 
     Under strong typing TensorRT runs each layer in the type the ONNX gives it, so an FP32 float part would keep
     every Split, Concat, GELU, Add and ReduceMean in FP32 (ModelOpt's high_precision_dtype="fp16" default).
+    `method` overrides the recipe's calibration method and `exclude` (Conv/Gemm node names of `fp32`) keeps more
+    layers float: what an INT8 search needs. Check the result with prepared_runner(), not a plain OrtRunner.
     """
     import onnx
 
     calib = src.calibration()
+    method = method or recipe.calib_method
     graph = onnx.load(str(fp32))
-    kept_float = float_weighted(graph)
+    kept_float = float_weighted(graph) | dict.fromkeys(exclude, "kept float on request")
     residual = residual_adds(graph)
     other_adds = [n.name for n in graph.graph.node if n.op_type == "Add" and n.name not in residual]
-    with step(f"Calibrating INT8 ({recipe.calib_method}, {len(calib.x)} images)"):
+    with step(f"Calibrating INT8 ({method}, {len(calib.x)} images)"):
         details = quantize_int8(
             fp32,
             out,
             calib.x,
-            method=recipe.calib_method,
+            method=method,
             op_types=[*WEIGHTED, "Add"],
             extra_options=INT8_OPTIONS,
             nodes_to_exclude=[*kept_float, *other_adds],
@@ -150,7 +156,7 @@ def prepare_int8(src: Source, recipe: Recipe, fp32: Path, out: Path) -> dict[str
     onnx.save(model, str(out))
     fp16 = convert_fp16(out, out, FP16_KEEP_FP32)
     model = onnx.load(str(out))
-    problems = verify_qdq(model)
+    problems = verify_qdq(model, also_float=exclude)
     if problems:  # our placement, not the user's input: a bug
         raise FnexportError(f"INT8 graph breaks TensorRT's Q/DQ rules: {'; '.join(problems[:5])}")
     onnx.checker.check_model(model)
@@ -183,13 +189,18 @@ def activation_absmax(path: Path, x: np.ndarray) -> float:
     return peak
 
 
+def prepared_runner(prepared: Path, precision: str) -> OrtRunner:
+    """ONNX Runtime CPU on a prepared ONNX, as far as it can stand in for TensorRT (see ORT_FP16_QDQ_BUG)."""
+    return OrtRunner(prepared, disabled_optimizers=ORT_FP16_QDQ_BUG if precision == "int8" else ())
+
+
 def check_prepared(src: Source, recipe: Recipe, prepared: Path, out_dir: Path) -> dict[str, Any]:
     """Run the prepared ONNX on ONNX Runtime CPU against PyTorch; keep the reference for the GPU host."""
     data, ref, labels = src.parity_inputs(), src.reference(), src.labels()
     extra = {} if labels is None else {"labels": labels}
     np.savez(out_dir / REFERENCE, logits=ref, input_sha256=np.array(input_digest(data.x)), **extra)
-    disabled = ORT_FP16_QDQ_BUG if recipe.precision == "int8" else ()
-    runner = OrtRunner(prepared, disabled_optimizers=disabled)
+    runner = prepared_runner(prepared, recipe.precision)
+    disabled = runner.info.get("disabled_optimizers")
     report = check(runner, data.x, ref, tolerance_for(recipe.precision, recipe.tolerance), labels)
     if recipe.precision in ("fp16", "int8"):  # INT8's float part is FP16 too
         # ORT's CPU provider has no FP16 Conv on x86: it casts the graph back to FP32 and drops the

@@ -13,6 +13,7 @@ and made the rest FP16; fnexport's graph has the same placement (tests/targets/t
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -322,13 +323,16 @@ def float_part_problems(model: onnx.ModelProto) -> list[str]:
     return problems
 
 
-def verify_qdq(model: onnx.ModelProto) -> list[str]:
-    """Every way the graph departs from ModelOpt's INT8 placement for TensorRT (empty when it follows it)."""
+def verify_qdq(model: onnx.ModelProto, also_float: Collection[str] = ()) -> list[str]:
+    """Every way the graph departs from ModelOpt's INT8 placement for TensorRT (empty when it follows it).
+
+    `also_float`: Conv/Gemm node names kept float on request (an INT8 search's fallback), beside ModelOpt's own.
+    """
     g = _Graph(model)
     inits = g.inits
     attr = lambda n, key, default: next((a.i for a in n.attribute if a.name == key), default)  # noqa: E731
     problems: list[str] = []
-    kept_float = float_weighted(model)
+    kept_float = float_weighted(model) | dict.fromkeys(also_float, "kept float on request")
     residual = residual_adds(model)
     # Tensors a Q/DQ pair may feed: a quantized Conv/Gemm's input and a residual Add's shortcut; the shortcut's
     # pair is shared with the tensor's other consumers (the Split), as ModelOpt shares it.

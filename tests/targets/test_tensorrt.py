@@ -27,6 +27,7 @@ from fnexport.manifest import sha256_artifact
 from fnexport.model.checkpoint import load_checkpoint
 from fnexport.recipes import Recipe
 from fnexport.targets import tensorrt_cuda, tensorrt_plan
+from fnexport.targets.base import Source
 from fnexport.targets.onnx import OrtRunner
 from fnexport.targets.tensorrt import (
     ENGINE,
@@ -36,6 +37,7 @@ from fnexport.targets.tensorrt import (
     build_engine,
     engine_unavailable,
     handoff,
+    prepare_int8,
 )
 from fnexport.targets.tensorrt_cuda import CUDA_BINDINGS, query_gpu
 from fnexport.targets.tensorrt_plan import default_timing_cache, engine_mismatch, summarize_layers
@@ -244,6 +246,24 @@ def test_verify_qdq_reports_broken_placements(int8_dir):
     bias = next(i for i in g.initializer if i.name == conv.input[2])
     bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias).astype(np.float32), bias.name))
     assert any(f"{bias.name} is FLOAT inside the FP16 part" in p for p in verify_qdq(fp32_inside))
+
+
+def test_int8_keeps_requested_layers_float(digits_ckpt, digits_dirs, tmp_path):
+    """What an INT8 search needs: another method, and named Convs kept float with ModelOpt's rules elsewhere."""
+    recipe = Recipe(
+        target="tensorrt", precision="int8", imgsz=DIGITS_PRE.size, calib=str(digits_dirs[0]), calib_samples=32
+    )
+    out = tmp_path / "model.onnx"
+    with Source(load_checkpoint(digits_ckpt), recipe) as src:
+        fp32 = onnx.load(str(src.onnx())).graph
+        producer = {o: n for n in fp32.node for o in n.output}
+        head = next(n.name for n in fp32.node if getattr(producer.get(n.input[0]), "op_type", "") == "ReduceMean")
+        details = prepare_int8(src, recipe, src.onnx(), out, method="percentile", exclude=[head])
+    assert details["calibration_method"] == "percentile" and details["kept_float"][head] == "kept float on request"
+    model = onnx.load(str(out))
+    assert verify_qdq(model, also_float=[head]) == []
+    assert any(p.startswith(f"{head}: Conv input is not quantized") for p in verify_qdq(model))
+    assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) == 56 - 1
 
 
 def test_int8_below_opset_19_is_refused_before_any_work(digits_ckpt, digits_dirs, tmp_path):
