@@ -23,7 +23,7 @@ from fnexport.conversion import convert as convert_checkpoint
 from fnexport.data import IMAGE_SUFFIXES, ImageStream, Preprocess, list_images, open_images
 from fnexport.errors import BadInput
 from fnexport.gate import ArtifactResult, check_report, gate, preprocess_of
-from fnexport.model.checkpoint import Checkpoint, from_module, load_checkpoint
+from fnexport.model.checkpoint import Checkpoint, as_features, from_module, load_checkpoint
 from fnexport.recipes import MAX_BATCH, build_recipe, tolerance_from_flags
 from fnexport.targets import get_target
 
@@ -37,14 +37,18 @@ DEFAULT_BATCH = 32
 IMAGE_ERRORS = (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError)
 
 
-def checkpoint(model: ModelLike | Checkpoint, act: str | None = None, unsafe_load: bool = False) -> Checkpoint:
-    """A checkpoint file, a variant name (random weights) or a FasterNet nn.Module, loaded as a Checkpoint."""
+def checkpoint(
+    model: ModelLike | Checkpoint, act: str | None = None, unsafe_load: bool = False, features: bool = False
+) -> Checkpoint:
+    """A checkpoint file, a variant name (random weights) or a FasterNet nn.Module, loaded as a Checkpoint;
+    `features`: a classifier as a backbone (its four stage outputs)."""
     if isinstance(model, Checkpoint):
-        return model
+        return as_features(model) if features else model
     if isinstance(model, nn.Module):
-        return from_module(model, act)
+        ckpt = from_module(model, act)
+        return as_features(ckpt) if features else ckpt
     if isinstance(model, (str, Path)):
-        return load_checkpoint(model, act=act, unsafe_load=unsafe_load)
+        return load_checkpoint(model, act=act, unsafe_load=unsafe_load, features=features)
     raise BadInput(
         f"model: give a checkpoint path, a variant name or a FasterNet nn.Module, not a {type(model).__name__}"
     )
@@ -81,9 +85,12 @@ def convert(
     out: str | Path | None = None,
     *,
     recipe: str | Path | None = None,
-    imgsz: int | None = None,
+    imgsz: int | tuple[int, int] | None = None,
     batch: int | None = None,
     dynamic: bool | None = None,
+    dynamic_hw: bool | None = None,
+    profile_hw: tuple[int, int, int] | None = None,
+    resize: str | None = None,
     opset: int | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
@@ -97,6 +104,7 @@ def convert(
     max_drop: float | None = None,
     input: str | None = None,
     labels: str | Path | Sequence[str] | None = None,
+    features: bool = False,
     act: str | None = None,
     unsafe_load: bool = False,
 ) -> Path:
@@ -109,13 +117,14 @@ def convert(
     rec = build_recipe(
         dict(
             target=target, precision=precision, imgsz=imgsz, batch=batch, dynamic=dynamic or None, opset=opset,
+            dynamic_hw=dynamic_hw or None, profile_hw=profile_hw, resize=resize,
             mean=_floats3(mean), std=_floats3(std), crop_pct=crop_pct, interpolation=interpolation,
             calib=None if calib is None else str(calib), calib_samples=samples, calib_method=calib_method,
             parity_data=None if data is None else str(data), atol=atol, max_drop=max_drop, input=input,
         ),
         recipe,
     )  # fmt: skip
-    ckpt = checkpoint(model, act, unsafe_load)
+    ckpt = checkpoint(model, act, unsafe_load, features)
     if labels is not None:
         ckpt = dataclasses.replace(ckpt, labels=read_labels(labels, ckpt.config.num_classes))
     if out is None and isinstance(model, nn.Module):

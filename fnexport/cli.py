@@ -71,6 +71,37 @@ def _floats3(text: str | None, flag: str) -> tuple[float, float, float] | None:
     return values  # type: ignore[return-value]
 
 
+def _imgsz(text: str | None, flag: str = "--imgsz") -> int | tuple[int, int] | None:
+    """--imgsz 224 (square) or --imgsz H,W (backbones); the recipe checks the values."""
+    if text is None:
+        return None
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) not in (1, 2):
+        raise BadInput(f"{flag} {text!r}: give one size (square) or HEIGHT,WIDTH, e.g. {flag} 224 or {flag} 640,960")
+    return values[0] if len(values) == 1 else values  # type: ignore[return-value]
+
+
+def _ints3(text: str | None, flag: str, example: str) -> tuple[int, int, int] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise BadInput(f"{flag} {text!r}: give MIN,OPT,MAX, e.g. {flag} {example}")
+    return values  # type: ignore[return-value]
+
+
+Features = Annotated[
+    bool,
+    typer.Option("--features", help="Treat a classifier as a backbone: its four stage outputs, no head."),
+]
+
+
 class StdoutFailed(Exception):
     """stdout cannot be written (redirected to a full disk, /dev/full, a closed pipe)."""
 
@@ -103,9 +134,21 @@ def convert_command(
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Output directory (default exports/NAME-TARGET-PRECISION).")
     ] = None,
-    imgsz: Annotated[int | None, typer.Option(help="Input size, a multiple of 32 (default 224).")] = None,
+    imgsz: Annotated[
+        str | None, typer.Option(help="Input size, a multiple of 32 (default 224); H,W for backbones.")
+    ] = None,
     batch: Annotated[int | None, typer.Option(help="Static batch size (default 1).")] = None,
     dynamic: Annotated[bool, typer.Option("--dynamic", help="Dynamic batch dimension.")] = False,
+    dynamic_hw: Annotated[
+        bool,
+        typer.Option("--dynamic-hw", help="Backbones: dynamic height and width (onnx, openvino, tensorrt, onnx-arm)."),
+    ] = False,
+    profile_hw: Annotated[
+        str | None, typer.Option(help="tensorrt --dynamic-hw: MIN,OPT,MAX height and width of the engine profile.")
+    ] = None,
+    resize: Annotated[
+        str | None, typer.Option(help="Backbones: letterbox (default), stretch or none, for --data and --calib images.")
+    ] = None,
     opset: Annotated[
         int | None, typer.Option(help="ONNX opset (default 20: GELU as one op, which ONNX Runtime runs fused).")
     ] = None,
@@ -134,16 +177,19 @@ def convert_command(
     labels: Annotated[
         Path | None, typer.Option(help="Class names file, one per line or a JSON list (overrides the checkpoint's).")
     ] = None,
+    features: Features = False,
     act: Act = None,
     unsafe_load: Unsafe = False,
     as_json: Json = False,
 ) -> None:
     """Convert a checkpoint into a target artifact plus manifest.json, verified against PyTorch."""
     out_dir = api.convert(
-        ckpt, target, precision, out, recipe=recipe, imgsz=imgsz, batch=batch, dynamic=dynamic or None,
+        ckpt, target, precision, out, recipe=recipe, imgsz=_imgsz(imgsz), batch=batch, dynamic=dynamic or None,
+        dynamic_hw=dynamic_hw or None, profile_hw=_ints3(profile_hw, "--profile-hw", "320,640,1344"), resize=resize,
         opset=opset, mean=_floats3(mean, "--mean"), std=_floats3(std, "--std"), crop_pct=crop_pct,
         interpolation=interpolation, calib=calib, samples=samples, calib_method=calib_method, data=data,
-        atol=atol, max_drop=max_drop, input=input_, labels=labels, act=act, unsafe_load=unsafe_load,
+        atol=atol, max_drop=max_drop, input=input_, labels=labels, features=features, act=act,
+        unsafe_load=unsafe_load,
     )  # fmt: skip
     manifest = mf.read(out_dir, verify=False)
     _emit(manifest | {"out": str(out_dir)}, as_json, str(out_dir / manifest["artifact"]))
@@ -152,26 +198,33 @@ def convert_command(
 @app.command("inspect")
 def inspect_command(
     ckpt: Ckpt,
-    imgsz: Annotated[int, typer.Option(help="Input size for the MAC count.")] = 224,
+    imgsz: Annotated[str, typer.Option(help="Input size for the MAC count (H,W for backbones).")] = "224",
     graph: Annotated[
         bool, typer.Option("--graph", help="Also export and count ONNX ops (plain export vs fnexport).")
     ] = False,
+    features: Features = False,
     act: Act = None,
     unsafe_load: Unsafe = False,
     as_json: Json = False,
 ) -> None:
-    """Show what a checkpoint is: variant, shape, params, MACs, and what reparameterization removes."""
-    build_recipe({"imgsz": imgsz})  # the same --imgsz checks as convert (multiple of 32, at least 32)
-    info = inspect(load_checkpoint(ckpt, act=act, unsafe_load=unsafe_load), imgsz, graph)
+    """Show what a checkpoint is: kind, variant, shape, params, MACs, and what reparameterization removes."""
+    loaded = load_checkpoint(ckpt, act=act, unsafe_load=unsafe_load, features=features)
+    # The same --imgsz checks as convert (multiples of 32; H,W for backbones only).
+    size = build_recipe({"imgsz": _imgsz(imgsz)}).fit(loaded.config).imgsz
+    info = inspect(loaded, size, graph)
     if as_json:
         _emit(info, True, "")
         return
+    shown = "x".join(map(str, info["imgsz"])) if isinstance(info["imgsz"], list) else info["imgsz"]
+    what = f"classes {info['num_classes']}" if info["kind"] == "classifier" else "backbone"
     lines = [
-        f"{info['variant']}: embed_dim {info['embed_dim']}, depths {info['depths']}, act {info['act']}, "
-        f"n_div {info['n_div']}, classes {info['num_classes']}",
-        f"params {info['params'] / 1e6:.3f}M, MACs at {imgsz}: {info['macs'] / 1e9:.4f}G",
+        f"{info['variant']} {info['kind']}: embed_dim {info['embed_dim']}, depths {info['depths']}, "
+        f"act {info['act']}, n_div {info['n_div']}, {what}",
+        f"params {info['params'] / 1e6:.3f}M, MACs at {shown}: {info['macs'] / 1e9:.4f}G",
         f"source: {info['source']['layout']}",
     ]
+    for out in info.get("outputs", []):
+        lines.append(f"output {out['name']}: {out['channels']} channels, stride {out['stride']}, {out['shape']}")
     for kind, counts in [("modules", info["modules"])] + ([("onnx ops", info["onnx_ops"])] if graph else []):
         before, after = counts.values()
         lines.append(f"{kind} (before -> after reparameterization):")

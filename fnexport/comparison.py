@@ -28,9 +28,24 @@ DEFAULTS: dict[str, Tolerance] = {
 }
 
 
-def tolerance_for(precision: str, *overrides: Tolerance | None) -> Tolerance:
+# Backbones: every output judged on its own by the worst per-image cosine (flattened) and by max abs error over
+# that output's largest reference magnitude (max_rel). FP32 1e-4: what "matches the feature maps" means to a
+# detector (measured 1e-7..1e-6 on ONNX Runtime and OpenVINO f32, tests/test_backbone.py); the reduced precisions
+# follow the classifier cosines, with max_rel as the check a wrong scale cannot pass.
+FEATURE_DEFAULTS: dict[str, Tolerance] = {
+    "fp32": Tolerance(max_rel=1e-4, min_cosine=0.99999),
+    "fp16": Tolerance(max_rel=0.01, min_cosine=0.999),
+    "bf16": Tolerance(max_rel=0.05, min_cosine=0.995),
+    "int8": Tolerance(max_rel=0.5, min_cosine=0.98),
+    "int4": Tolerance(max_rel=1.0, min_cosine=0.9),
+    "palettize8": Tolerance(max_rel=0.5, min_cosine=0.98),
+    "palettize4": Tolerance(max_rel=1.0, min_cosine=0.9),
+}
+
+
+def tolerance_for(precision: str, *overrides: Tolerance | None, backbone: bool = False) -> Tolerance:
     """The precision's default thresholds, then each override's set fields in order (recipe, then flags)."""
-    tol = DEFAULTS[precision]
+    tol = (FEATURE_DEFAULTS if backbone else DEFAULTS)[precision]
     for override in overrides:
         if override is not None:
             tol = tol.model_copy(update=override.model_dump(exclude_none=True))
@@ -232,6 +247,140 @@ def labels_for(model_labels: list[str] | None, num_classes: int, data) -> np.nda
 
 def _few(names: list[str]) -> str:
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+@dataclass
+class OutputParity:
+    """One backbone output's errors over every image: max abs, max abs over the output's largest reference
+    magnitude, mean abs, the worst per-image cosine (each image's map flattened), and its verdict."""
+
+    name: str
+    shape: list[int]
+    max_abs: float
+    max_rel: float
+    mean_abs: float
+    cosine: float
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+@dataclass
+class FeatureReport:
+    """A backbone artifact against the reference, output by output; it fails if any output fails."""
+
+    n: int
+    outputs: list[OutputParity]
+    tolerance: dict
+    failures: list[str] = field(default_factory=list)
+    ran: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    @property
+    def max_abs(self) -> float:
+        return max((o.max_abs for o in self.outputs), default=float("nan"))
+
+    @property
+    def max_rel(self) -> float:
+        return max((o.max_rel for o in self.outputs), default=float("nan"))
+
+    @property
+    def cosine(self) -> float:
+        return min((o.cosine for o in self.outputs), default=float("nan"))
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {
+            "kind": "backbone",
+            "passed": self.passed,
+            "outputs": [asdict(o) | {"passed": o.passed} for o in self.outputs],
+        }
+
+    def summary(self) -> str:
+        parts = [
+            f"{o.name} max abs {o.max_abs:.2e} (rel {o.max_rel:.2e}), cosine {o.cosine:.6f} "
+            f"{'PASS' if o.passed else 'FAIL'}"
+            for o in self.outputs
+        ]
+        return f"{self.n} images: " + "; ".join(parts)
+
+
+@torch.no_grad()
+def feature_reference(model: torch.nn.Module, x: np.ndarray, chunk: int = 32) -> list[np.ndarray]:
+    """A backbone's outputs (original, un-reparameterized model), one array per output over every image."""
+    model.eval()
+    parts = [[o.numpy() for o in model(torch.from_numpy(part))] for part, _ in batches(x, chunk)]
+    return [np.concatenate(out) for out in zip(*parts, strict=True)]
+
+
+def run_features(runner, x: np.ndarray, chunk: int = 32) -> list[np.ndarray]:
+    """Feed `x` through a backbone runner (one array per output) in chunks, padding a fixed batch."""
+    size = runner.batch or chunk
+    parts = [
+        [np.asarray(o, dtype=np.float32)[:n] for o in runner(part)]
+        for part, n in batches(x, size, pad=bool(runner.batch))
+    ]
+    return [np.concatenate(out) for out in zip(*parts, strict=True)]
+
+
+def check_features(runner, x: np.ndarray, ref: list[np.ndarray], tol: Tolerance, names: list[str]) -> FeatureReport:
+    """Run `x` through a backbone runner and judge each output against `ref`; the runner is closed either way."""
+    try:
+        report = compare_features(ref, run_features(runner, x), tol, names)
+        report.ran = dict(runner.info)
+    finally:
+        runner.close()
+    return report
+
+
+def compare_features(ref: list[np.ndarray], out: list[np.ndarray], tol: Tolerance, names: list[str]) -> FeatureReport:
+    """Per-output error statistics of `out` against `ref` and the failures against `tol`."""
+    report = FeatureReport(len(ref[0]), [], tol.model_dump())
+    if len(out) != len(ref):
+        report.failures.append(f"{len(out)} outputs, the reference has {len(ref)} ({', '.join(names)})")
+        return report
+    for name, r, o in zip(names, ref, out, strict=True):
+        if o.shape != r.shape:
+            report.outputs.append(OutputParity(name, list(o.shape), *([float("nan")] * 4)))
+            report.outputs[-1].failures.append(f"shape {list(o.shape)} != reference {list(r.shape)}")
+        else:
+            report.outputs.append(output_parity(name, r, o, tol))
+        report.failures += [f"{name}: {f}" for f in report.outputs[-1].failures]
+    return report
+
+
+def output_parity(name: str, ref: np.ndarray, out: np.ndarray, tol: Tolerance) -> OutputParity:
+    diff = np.abs(out.astype(np.float64) - ref)
+    max_abs = float(diff.max())
+    scale = float(np.abs(ref).max())
+    a, b = out.reshape(len(out), -1).astype(np.float64), ref.reshape(len(ref), -1).astype(np.float64)
+    cos = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+    result = OutputParity(
+        name,
+        list(out.shape),
+        max_abs,
+        max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf")),
+        float(diff.mean()),
+        float(cos.min()),
+    )
+    if not np.isfinite(out).all():
+        result.failures.append("non-finite outputs")
+    if tol.atol is not None and not max_abs <= tol.atol:
+        result.failures.append(f"max abs error {max_abs:.3g} > atol {tol.atol:g}")
+    if tol.max_rel is not None and not result.max_rel <= tol.max_rel:
+        result.failures.append(
+            f"max abs error {max_abs:.3g} is {result.max_rel:.3g} of the output's range > {tol.max_rel:g}"
+        )
+    if tol.min_cosine is not None and not result.cosine >= tol.min_cosine:
+        result.failures.append(f"worst cosine {result.cosine:.6f} < {tol.min_cosine:g}")
+    return result
 
 
 # A layer "diverges" when its output differs from PyTorch's by more than this fraction of its range.

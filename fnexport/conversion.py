@@ -8,17 +8,27 @@ from pathlib import Path
 import numpy as np
 
 import fnexport.manifest as mf
-from fnexport.comparison import ParityReport, check, reference, tolerance_for
+from fnexport.comparison import (
+    FeatureReport,
+    ParityReport,
+    check,
+    check_features,
+    feature_reference,
+    reference,
+    tolerance_for,
+)
 from fnexport.console import log, step
 from fnexport.errors import BackendUnavailable, BadInput, CheckFailed, FnexportError
 from fnexport.model.checkpoint import Checkpoint
-from fnexport.model.fasternet import count
+from fnexport.model.fasternet import count, hw
 from fnexport.recipes import Recipe
 from fnexport.targets import get_target
 from fnexport.targets.base import Exported, Source, Target
 from fnexport.targets.graph import onnx_opset
 
 REPARAM_ATOL = 1e-4
+# Targets that ship backbones (several named outputs); the others refuse one before any work.
+BACKBONE_TARGETS = ("onnx", "openvino", "tensorrt", "onnx-arm")
 
 
 @dataclass
@@ -27,7 +37,9 @@ class Converted:
 
     out: Path
     manifest: dict
-    report: ParityReport | None  # None: the artifact's runtime is missing here (manifest["parity"]["reason"])
+    report: (
+        ParityReport | FeatureReport | None
+    )  # None: the artifact's runtime is missing here (manifest["parity"]["reason"])
     unfinished: str | None = None  # the hand-off line when the target needs another machine to finish
 
 
@@ -46,6 +58,7 @@ def convert(ckpt: Checkpoint, recipe: Recipe, out: Path | None = None) -> tuple[
 
 def convert_checkpoint(ckpt: Checkpoint, recipe: Recipe, out: Path | None = None) -> Converted:
     """Export, check parity and write the manifest; nothing is written when a check fails."""
+    recipe = recipe.fit(ckpt.config)
     target = target_for(ckpt, recipe)
     out = out or default_out(ckpt, recipe)
     mf.check_out(out)  # before the parity data is loaded and run: a bad --out fails in a moment
@@ -78,6 +91,11 @@ def convert_checkpoint(ckpt: Checkpoint, recipe: Recipe, out: Path | None = None
 def target_for(ckpt: Checkpoint, recipe: Recipe) -> Target:
     """The recipe's target, once its precision and variant are known to fit this checkpoint."""
     target = get_target(recipe.target)
+    if ckpt.config.features and target.name not in BACKBONE_TARGETS:
+        raise BadInput(
+            f"--target {target.name}: {ckpt.path} is a backbone (four feature maps), which this target does not ship "
+            f"yet; use {', '.join(BACKBONE_TARGETS)}"
+        )
     if recipe.precision not in target.precisions:
         raise BadInput(
             f"--precision {recipe.precision} is not offered by --target {target.name} (choose: {', '.join(target.precisions)})"
@@ -126,14 +144,25 @@ def record_inputs(src: Source, exported: Exported, manifest: dict) -> None:
 def check_reparam(src: Source) -> float:
     """The folded model must match the original to float rounding before anything is exported."""
     ref = src.reference()
-    err = float(np.abs(reference(src.module("split_cat"), src.parity_inputs().x) - ref).max())
-    log.info("Reparameterized model vs original: max abs logit error %.2e", err)
-    if err > REPARAM_ATOL * max(1.0, float(np.abs(ref).max())):
-        raise CheckFailed(f"BatchNorm folding changed the logits by {err:.3g} (> {REPARAM_ATOL:g}); please report this")
+    x = src.parity_inputs().x
+    if src.ckpt.config.features:
+        # Each feature map against its own range (their scales differ by stage).
+        pairs = list(zip(feature_reference(src.module("split_cat"), x), ref, strict=True))
+    else:
+        pairs = [(reference(src.module("split_cat"), x), ref)]
+    errs = [(float(np.abs(out - r).max()), max(1.0, float(np.abs(r).max()))) for out, r in pairs]
+    err = max(e for e, _ in errs)
+    log.info("Reparameterized model vs original: max abs error %.2e", err)
+    if any(e > REPARAM_ATOL * scale for e, scale in errs):
+        raise CheckFailed(
+            f"BatchNorm folding changed the outputs by {err:.3g} (> {REPARAM_ATOL:g}); please report this"
+        )
     return err
 
 
-def check_parity(src: Source, target: Target, exported: Exported, manifest: dict) -> ParityReport | None:
+def check_parity(
+    src: Source, target: Target, exported: Exported, manifest: dict
+) -> ParityReport | FeatureReport | None:
     """Run the artifact on the parity images against the original model; record the outcome in the manifest."""
     recipe = src.recipe
     try:
@@ -144,8 +173,13 @@ def check_parity(src: Source, target: Target, exported: Exported, manifest: dict
         manifest["parity"] |= {"ran": False, "reason": str(err)}
         return None
     x = src.parity_inputs().x
+    cfg = src.ckpt.config
+    tol = tolerance_for(recipe.precision, recipe.tolerance, backbone=cfg.features)
     with step(f"Checking parity on {len(x)} images"):
-        report = check(runner, x, src.reference(), tolerance_for(recipe.precision, recipe.tolerance), src.labels())
+        if cfg.features:
+            report = check_features(runner, x, src.reference(), tol, [o["name"] for o in cfg.outputs()])
+        else:
+            report = check(runner, x, src.reference(), tol, src.labels())
     manifest["parity"] |= report.to_dict()
     verdict = "PASS" if report.passed else "FAIL: " + "; ".join(report.failures)
     log.info("Parity %s %s vs PyTorch: %s -> %s", target.name, recipe.precision, report.summary(), verdict)
@@ -155,10 +189,13 @@ def check_parity(src: Source, target: Target, exported: Exported, manifest: dict
 def build_manifest(ckpt: Checkpoint, recipe: Recipe, target: Target, exported: Exported) -> dict:
     cfg = ckpt.config
     params, macs = count(ckpt.model, recipe.imgsz)
+    if cfg.features:
+        return backbone_manifest(ckpt, recipe, target, exported, params, macs)
     p = recipe.preprocess
     batch = "batch" if recipe.dynamic else recipe.batch
     return {
         "schema": mf.SCHEMA,
+        "kind": "classifier",
         "target": target.name,
         "precision": recipe.precision,
         "artifact": exported.path.name,
@@ -176,6 +213,56 @@ def build_manifest(ckpt: Checkpoint, recipe: Recipe, target: Target, exported: E
         "output": {"name": "logits", "shape": [batch, cfg.num_classes]},
         "model": cfg.to_dict() | {"params": params, "macs": macs},
         "labels": ckpt.labels,
+        "source": ckpt.source(),
+        "recipe": recipe.model_dump(mode="json"),
+        "details": exported.details,
+        "versions": mf.versions(*target.packages),
+    }
+
+
+def backbone_manifest(
+    ckpt: Checkpoint, recipe: Recipe, target: Target, exported: Exported, params: int, macs: int
+) -> dict:
+    """A backbone's manifest: four outputs (name, channels, stride), the detector's resize rule, the exported
+    size (where parity ran and MACs are counted) and, with --dynamic-hw, symbolic height and width."""
+    cfg = ckpt.config
+    p = recipe.preprocess
+    h, w = hw(recipe.imgsz)
+    batch = "batch" if recipe.dynamic else recipe.batch
+    dims = ["height", "width"] if recipe.dynamic_hw else [h, w]
+    return {
+        "schema": mf.SCHEMA,
+        "kind": "backbone",
+        "target": target.name,
+        "precision": recipe.precision,
+        "artifact": exported.path.name,
+        "sha256": mf.sha256_artifact(exported.path),
+        "input": {
+            "name": "input",
+            "shape": [batch, cfg.in_chans, *dims],
+            "size": [h, w],
+            "dynamic_hw": recipe.dynamic_hw,
+            "dtype": "float32",
+            "layout": "NCHW, RGB",
+            "resize": p.resize,
+            "mean": list(p.mean),
+            "std": list(p.std),
+            "crop_pct": p.crop_pct,
+            "interpolation": p.interpolation,
+        },
+        "outputs": [
+            o
+            | {
+                "shape": [
+                    batch,
+                    o["channels"],
+                    *(f"{d}/{o['stride']}" if isinstance(d, str) else d // o["stride"] for d in dims),
+                ]
+            }
+            for o in cfg.outputs()
+        ],
+        "model": cfg.to_dict() | {"params": params, "macs": macs, "macs_at": [h, w]},
+        "labels": None,
         "source": ckpt.source(),
         "recipe": recipe.model_dump(mode="json"),
         "details": exported.details,

@@ -36,18 +36,30 @@ DEFAULT_DATA = "embedded:natural"
 PARITY_SEED = 1
 
 
+# How an image becomes the input size: "crop" is the classifiers' (short side to size/crop_pct, center crop);
+# backbones take the detector's: "letterbox" (fit inside H x W keeping the aspect, top-left, zero padding
+# after normalisation, as mmdetection's Resize(keep_ratio) + Pad), "stretch" (H x W, aspect not kept) or "none"
+# (no scaling: the top-left H x W, zero-padded where the image is smaller).
+RESIZE_RULES = ("crop", "letterbox", "stretch", "none")
+
+
 @dataclass(frozen=True)
 class Preprocess:
-    """Resize the short side to size/crop_pct, center-crop size x size, then (x/255 - mean)/std."""
+    """Resize by `resize` (default: short side to size/crop_pct, center-crop size x size), then (x/255 - mean)/std.
 
-    size: int = 224
+    `size` is one number (square) or (height, width)."""
+
+    size: int | tuple[int, int] = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     crop_pct: float = 0.9
     interpolation: str = "bicubic"
+    resize: str = "crop"
 
     def __call__(self, img: Image.Image) -> np.ndarray:
         img = to_rgb(img)
+        if self.resize != "crop":
+            return self._detector(img)
         scale = int(self.size / self.crop_pct)  # timm's rule: floor(size / crop_pct)
         w, h = img.size
         if w <= h:
@@ -57,9 +69,25 @@ class Preprocess:
         img = img.resize(new, INTERPOLATIONS[self.interpolation])
         left, top = (new[0] - self.size) // 2, (new[1] - self.size) // 2
         img = img.crop((left, top, left + self.size, top + self.size))
+        return self._normalize(img)
+
+    def _normalize(self, img: Image.Image) -> np.ndarray:
         x = np.asarray(img, dtype=np.float32) / 255.0
         x = (x - np.array(self.mean, np.float32)) / np.array(self.std, np.float32)
         return x.transpose(2, 0, 1)
+
+    def _detector(self, img: Image.Image) -> np.ndarray:
+        h, w = (self.size, self.size) if isinstance(self.size, int) else self.size
+        if self.resize == "stretch":
+            return self._normalize(img.resize((w, h), INTERPOLATIONS[self.interpolation]))
+        if self.resize == "letterbox":
+            scale = min(w / img.width, h / img.height)
+            size = (max(1, min(w, round(img.width * scale))), max(1, min(h, round(img.height * scale))))
+            img = img.resize(size, INTERPOLATIONS[self.interpolation])
+        part = self._normalize(img.crop((0, 0, min(w, img.width), min(h, img.height))))
+        x = np.zeros((3, h, w), np.float32)
+        x[:, : part.shape[1], : part.shape[2]] = part
+        return x
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -79,7 +79,7 @@ def read(artifact_dir: Path, verify: bool = True) -> dict:
 
 class _Input(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
-    shape: list[int | Literal["batch"]] = Field(min_length=4, max_length=4)
+    shape: list[int | Literal["batch", "height", "width"]] = Field(min_length=4, max_length=4)
     mean: list[float] = Field(min_length=3, max_length=3)
     std: list[float] = Field(min_length=3, max_length=3)
     crop_pct: float = Field(ge=MIN_CROP_PCT, le=1)
@@ -94,7 +94,7 @@ class _Source(BaseModel):
 
 class _RecipeRead(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
-    imgsz: int
+    imgsz: int | list[int]
     tolerance: Tolerance = Tolerance()
 
 
@@ -123,12 +123,29 @@ def check_schema(manifest: object, path: Path) -> None:
         raise BadInput(f"{path}: {loc}: {first['msg']}; re-run `fnexport convert` instead of editing it") from None
     n, c, h, w = spec.input.shape
     batch_ok = n == "batch" or (isinstance(n, int) and 1 <= n <= MAX_BATCH)
-    size_ok = isinstance(h, int) and h == w and h >= 32 and h % 32 == 0
-    if not (batch_ok and c == 3 and size_ok):
-        raise BadInput(f"{path}: input.shape {spec.input.shape} is not [batch, 3, S, S] with S a multiple of 32")
+    if getattr(spec, "kind", "classifier") == "backbone":
+        # Backbones: H x W (or height/width when dynamic), the size parity ran at in input.size.
+        size = getattr(spec.input, "size", None)
+        size_ok = (
+            isinstance(size, list)
+            and len(size) == 2
+            and all(isinstance(s, int) and s >= 32 and s % 32 == 0 for s in size)
+            and ([h, w] == size or [h, w] == ["height", "width"])
+        )
+        if not (batch_ok and c == 3 and size_ok):
+            raise BadInput(
+                f"{path}: input.shape {spec.input.shape} / input.size {size} is not [batch, 3, H, W] "
+                "(or height, width) with H, W multiples of 32"
+            )
+        imgsz = size[0] if size[0] == size[1] else size
+    else:
+        size_ok = isinstance(h, int) and h == w and h >= 32 and h % 32 == 0
+        if not (batch_ok and c == 3 and size_ok):
+            raise BadInput(f"{path}: input.shape {spec.input.shape} is not [batch, 3, S, S] with S a multiple of 32")
+        imgsz = h
     if min(spec.input.std) <= 0:
         raise BadInput(f"{path}: input.std {spec.input.std}: every std must be > 0")
-    if spec.recipe.imgsz != h:
+    if spec.recipe.imgsz != imgsz:
         raise BadInput(f"{path}: recipe.imgsz {spec.recipe.imgsz} differs from input.shape {spec.input.shape}")
     # The artifact is opened (and hashed) by this name: it must stay inside the manifest's folder.
     name = Path(spec.artifact)

@@ -23,6 +23,7 @@ from pydantic import (
 
 from fnexport.data import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from fnexport.errors import BadInput, what_is
+from fnexport.model.fasternet import FasterNetConfig, hw
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4", "palettize4", "palettize8")
 # Sane maxima, checked before any work: a static batch and the input size decide the memory parity needs
@@ -66,6 +67,8 @@ class PreprocessSpec(_Strict):
     std: Floats3 = IMAGENET_STD
     crop_pct: float = Field(0.9, ge=MIN_CROP_PCT, le=1.0)
     interpolation: Literal["bicubic", "bilinear", "nearest", "lanczos"] = "bicubic"
+    # Backbones only (data.RESIZE_RULES); unset: letterbox for backbones, the center crop for classifiers.
+    resize: Literal["letterbox", "stretch", "none"] | None = None
 
     @field_validator("std")
     @classmethod
@@ -84,6 +87,8 @@ class Tolerance(_Strict):
     # Max abs logit error in units of the reference logits' RMS: the one check that still sees a wrong
     # logit scale, which cosine and top-1 cannot (5x logits keep both; a 1-class head has nothing else).
     max_abs_rms: float | None = Field(None, gt=0)
+    # Backbones: max abs error of each output over that output's largest reference magnitude.
+    max_rel: float | None = Field(None, gt=0)
 
 
 class BenchSpec(_Strict):
@@ -94,13 +99,38 @@ class BenchSpec(_Strict):
     threads: int | None = Field(None, ge=1)
 
 
+# Targets whose artifacts can take any height and width (--dynamic-hw).
+DYNAMIC_HW_TARGETS = ("onnx", "openvino", "tensorrt", "onnx-arm")
+Size = Annotated[int, Field(ge=32, le=MAX_IMGSZ)]
+
+
+def _size_or_pair(value: Any) -> Any:
+    """imgsz is one size or [height, width]; anything else is one clear error (not pydantic's per-union-member list).
+    Each size is then bounded like a single one, with the same message."""
+    value = _tuple(value)
+    sizes = value if isinstance(value, tuple) else (value,)
+    if len(sizes) not in (1, 2) or not all(isinstance(v, int) and not isinstance(v, bool) for v in sizes):
+        raise ValueError(f"give one size or [height, width] (got {value!r}, a {type(value).__name__})")
+    for v in sizes:
+        if v < 32:
+            raise ValueError("Input should be greater than or equal to 32")
+        if v > MAX_IMGSZ:
+            raise ValueError(f"Input should be less than or equal to {MAX_IMGSZ} ({BOUNDS['imgsz']})")
+    return value
+
+
 class Recipe(_Strict):
     target: str
     description: str = ""
     precision: Literal[PRECISIONS] = "fp32"  # type: ignore[valid-type]
-    imgsz: int = Field(224, ge=32, le=MAX_IMGSZ)
+    # One number (square) or [height, width] (backbones); a square pair is kept as one number.
+    imgsz: Annotated[int | tuple[int, int], BeforeValidator(_size_or_pair)] = 224
     batch: int = Field(1, ge=1, le=MAX_BATCH)
     dynamic: bool = False
+    # Backbones: height and width dynamic (the exported size is where parity runs, and TensorRT's opt).
+    dynamic_hw: bool = False
+    # TensorRT with dynamic_hw: min, opt, max of both height and width in the optimization profile.
+    profile_hw: Annotated[tuple[Size, Size, Size], BeforeValidator(_tuple)] | None = None
     opset: int = 20
     preprocess: PreprocessSpec = PreprocessSpec()
     calib: str | None = None
@@ -121,11 +151,34 @@ class Recipe(_Strict):
 
     @field_validator("imgsz")
     @classmethod
-    def _multiple_of_32(cls, v: int) -> int:
+    def _multiple_of_32(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
         # Stem /4 and three merging layers /2: anything else silently drops border pixels.
-        if v % 32:
+        for side in hw(v):
+            if side % 32:
+                raise ValueError(
+                    f"{side} is not a multiple of 32 (FasterNet downsamples 32x); try {max(32, round(side / 32) * 32)}"
+                )
+        return v if isinstance(v, int) or v[0] != v[1] else v[0]
+
+    @field_validator("profile_hw")
+    @classmethod
+    def _profile_hw(cls, v: tuple[int, int, int] | None, info: ValidationInfo) -> tuple[int, int, int] | None:
+        if v is None:
+            return v
+        if info.data.get("target") != "tensorrt" or not info.data.get("dynamic_hw"):
+            raise ValueError("applies only to --target tensorrt with --dynamic-hw (the engine's height/width range)")
+        if not v[0] <= v[1] <= v[2] or any(side % 32 for side in v):
+            raise ValueError(f"{v}: need MIN <= OPT <= MAX, each a multiple of 32 (e.g. 320,640,1344)")
+        return v
+
+    @field_validator("dynamic_hw")
+    @classmethod
+    def _dynamic_hw_target(cls, v: bool, info: ValidationInfo) -> bool:
+        target = info.data.get("target")
+        if v and target not in DYNAMIC_HW_TARGETS:
             raise ValueError(
-                f"{v} is not a multiple of 32 (FasterNet downsamples 32x); try {max(32, round(v / 32) * 32)}"
+                f"--target {target} takes a fixed input size (give --imgsz H,W and convert once per size); "
+                f"dynamic height/width is offered by {', '.join(DYNAMIC_HW_TARGETS)}"
             )
         return v
 
@@ -206,9 +259,38 @@ class Recipe(_Strict):
             raise ValueError("int8 needs calibration images: set calib (--calib DIR, or embedded:natural)")
         return self
 
+    @property
+    def hw(self) -> tuple[int, int]:
+        return hw(self.imgsz)
+
     def pre(self) -> Preprocess:
         p = self.preprocess
-        return Preprocess(self.imgsz, p.mean, p.std, p.crop_pct, p.interpolation)
+        return Preprocess(self.imgsz, p.mean, p.std, p.crop_pct, p.interpolation, p.resize or "crop")
+
+    def fit(self, cfg: FasterNetConfig) -> Recipe:
+        """The recipe for this model: backbones get their resize rule (letterbox unless set); the backbone-only
+        settings are refused for classifiers, whose center crop and pooled head want one square size."""
+        if cfg.features:
+            if self.max_drop is not None:
+                raise BadInput(
+                    "--max-drop: a top-1 accuracy bound; a backbone has no classes (the parity gate applies)"
+                )
+            if self.preprocess.resize is None:
+                return self.model_copy(
+                    update={"preprocess": self.preprocess.model_copy(update={"resize": "letterbox"})}
+                )
+            return self
+        for flag, given in (
+            (f"--imgsz {self.hw[0]},{self.hw[1]}", not isinstance(self.imgsz, int)),
+            ("--dynamic-hw", self.dynamic_hw),
+            (f"--resize {self.preprocess.resize}", self.preprocess.resize is not None),
+        ):
+            if given:
+                raise BadInput(
+                    f"{flag}: for backbones only; this checkpoint is a classifier (square --imgsz, center crop). "
+                    "To export its four stage outputs instead, add --features"
+                )
+        return self
 
 
 # Built-in recipes: the repository's recipes/ folder in a checkout or editable install; a wheel carries
@@ -302,8 +384,8 @@ def build_recipe(flags: dict[str, Any], recipe: str | Path | None = None) -> Rec
         path, base = recipe_data(recipe)
         parse_recipe(base, str(path))
     flags = dict(flags)
-    pre = {k: flags.pop(k) for k in ("mean", "std", "crop_pct", "interpolation") if k in flags}
-    tol = {k: flags.pop(k) for k in ("atol", "min_cosine", "min_top1", "max_abs_rms") if k in flags}
+    pre = {k: flags.pop(k) for k in ("mean", "std", "crop_pct", "interpolation", "resize") if k in flags}
+    tol = {k: flags.pop(k) for k in ("atol", "min_cosine", "min_top1", "max_abs_rms", "max_rel") if k in flags}
     data = {**base, **{k: v for k, v in flags.items() if v is not None}}
     given = {k for k, v in flags.items() if v is not None}
     for key, group in (("preprocess", pre), ("tolerance", tol)):

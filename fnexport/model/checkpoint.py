@@ -20,7 +20,7 @@ from torch import nn
 
 from fnexport.console import log
 from fnexport.errors import BadInput, what_is
-from fnexport.model.fasternet import ACTS, VARIANTS, FasterNet, FasterNetConfig, default_act
+from fnexport.model.fasternet import ACTS, VARIANTS, FasterNet, FasterNetConfig, as_backbone, default_act
 
 # Wrappers training frameworks put around the weights, in the order we look for them.
 WRAPPER_KEYS = ("state_dict", "model", "ema", "model_ema", "state_dict_ema", "module")
@@ -40,6 +40,11 @@ TIMM_TO_OFFICIAL = (
     ("conv_head.", "avgpool_pre_head.1."),
     ("classifier.", "head."),
 )
+# timm's features_only model (FeatureListNet, flatten_sequential) names the stages stages_0..stages_3.
+TIMM_FEATURES_STAGE = re.compile(r"^stages_(\d+)\.")
+# mmdetection / mmsegmentation: the detector's state_dict holds the backbone under this prefix beside the
+# neck and heads (`neck.`, `rpn_head.`, `roi_head.`, `decode_head.`, `data_preprocessor.`, ...).
+DETECTOR_BACKBONE = "backbone."
 LABEL_KEYS = ("labels", "class_names", "classes")
 # The PaddlePaddle CIFAR-10 tutorial's names (whole keys; `j` is the block, merging layers sit at odd `feature`
 # indices). Its BN buffers are `_mean`/`_variance`; its `fc.weight` is stored (in, out), see _from_paddle.
@@ -117,10 +122,25 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_checkpoint(spec: str | Path, act: str | None = None, unsafe_load: bool = False) -> Checkpoint:
-    """Load a checkpoint file, or build a randomly initialised model from a variant name."""
-    spec = str(spec)
-    act = check_act(act)
+def load_checkpoint(
+    spec: str | Path, act: str | None = None, unsafe_load: bool = False, features: bool = False
+) -> Checkpoint:
+    """Load a checkpoint file, or build a randomly initialised model from a variant name; `features` exports a
+    classifier's stem and stages as a backbone (a backbone checkpoint is one already)."""
+    ckpt = _load(str(spec), check_act(act), unsafe_load)
+    return as_features(ckpt) if features else ckpt
+
+
+def as_features(ckpt: Checkpoint) -> Checkpoint:
+    """A classifier's stem and stages as a backbone (--features); a backbone as it is."""
+    if ckpt.config.features:
+        return ckpt
+    model = as_backbone(ckpt.model)
+    log.info("%s: exporting the classifier's four stage outputs as a backbone (--features)", ckpt.path)
+    return Checkpoint(model, model.cfg, ckpt.path, ckpt.sha256, ckpt.layout + " as backbone (--features)")
+
+
+def _load(spec: str, act: str | None, unsafe_load: bool) -> Checkpoint:
     if spec in VARIANTS and not Path(spec).exists():
         cfg = VARIANTS[spec]
         if act:
@@ -161,7 +181,9 @@ def _build(obj: object, path: Path, sha256: str | None, act: str | None, file_la
         _fit(FasterNet(cfg), state, path, layout)
     model = FasterNet(cfg)
     _fit(model, state, path, layout)
-    labels = _checked_labels(file_labels if file_labels is not None else _labels(obj), cfg.num_classes, path)
+    labels = None
+    if not cfg.features:  # a backbone has no classes to name
+        labels = _checked_labels(file_labels if file_labels is not None else _labels(obj), cfg.num_classes, path)
     return Checkpoint(model.eval(), cfg, str(path), sha256, layout, labels)
 
 
@@ -435,6 +457,19 @@ def _state_dict(obj: object, path: Path) -> tuple[dict[str, torch.Tensor], str]:
     layout = "official"
     if "state_dict" in wrappers and "model" in wrappers:
         layout = "lightning"
+    if DETECTOR_BACKBONE + "patch_embed.proj.weight" in state:
+        layout = "mmdet"
+        backbone = {k[len(DETECTOR_BACKBONE) :]: v for k, v in state.items() if k.startswith(DETECTOR_BACKBONE)}
+        log.info(
+            "%s: a detector/segmenter checkpoint (mmdetection layout): exporting only its backbone "
+            "(%d tensors); %d other tensors (neck, heads) left out",
+            path,
+            len(backbone),
+            len(state) - len(backbone),
+        )
+        state = backbone
+    if any(TIMM_FEATURES_STAGE.match(k) for k in state):
+        state = {TIMM_FEATURES_STAGE.sub(r"stages.\1.", k): v for k, v in state.items()}
     if "conv_head.weight" in state or any(".downsample." in k for k in state):
         layout = "timm"
         state = {_remap(k, TIMM_TO_OFFICIAL): v for k, v in state.items()}
@@ -493,10 +528,12 @@ def infer_config(state: dict[str, torch.Tensor], path: Path, act: str | None) ->
         depths = {stage: len(ids) for stage, ids in blocks.items()}
         pconv = state["stages.0.blocks.0.spatial_mixing.partial_conv3.weight"].shape[0]
         hidden = state["stages.0.blocks.0.mlp.0.weight"].shape[0]
-        feature_dim = state["avgpool_pre_head.1.weight"].shape[0]
-        num_classes = state["head.weight"].shape[0]
+        # No head at all: a backbone (official fork_feat, mmdetection, timm features_only).
+        features = not any(k.startswith(("head.", "avgpool_pre_head.")) for k in state)
+        feature_dim = 0 if features else state["avgpool_pre_head.1.weight"].shape[0]
+        num_classes = 0 if features else state["head.weight"].shape[0]
     except KeyError as err:
-        raise BadInput(f"{path}: not a FasterNet classifier checkpoint (missing {err})") from None
+        raise BadInput(f"{path}: not a FasterNet classifier or backbone checkpoint (missing {err})") from None
     if in_chans != 3:
         raise BadInput(
             f"{path}: the stem takes {in_chans} input channel(s); fnexport feeds RGB images (3 channels), "
@@ -520,6 +557,8 @@ def infer_config(state: dict[str, torch.Tensor], path: Path, act: str | None) ->
         feature_dim=feature_dim,
         layer_scale=any(k.endswith(".layer_scale") for k in state),
         in_chans=in_chans,
+        features=features,
+        out_norms=features and "norm0.weight" in state,
     )
 
 

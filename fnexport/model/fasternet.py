@@ -31,24 +31,41 @@ class FasterNetConfig:
     in_chans: int = 3
     # The Paddle reimplementation puts an activation after the stem's and every merging layer's BN.
     post_norm_act: bool = False
+    # A backbone: the four stage outputs (strides 4..32), no head (num_classes and feature_dim are 0).
+    features: bool = False
+    # The official `fork_feat=True` model's extra BatchNorms norm0/2/4/6 on those outputs (timm's
+    # features_only and `--features` on a classifier have none).
+    out_norms: bool = False
 
     def __post_init__(self) -> None:
         if self.act not in ACTS:
             raise ValueError(f"act must be one of {ACTS}, not {self.act!r}")
         object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
+        if self.out_norms and not self.features:
+            raise ValueError("out_norms needs features (a backbone)")
+
+    @property
+    def kind(self) -> str:
+        return "backbone" if self.features else "classifier"
 
     @property
     def variant(self) -> str:
-        """The paper's variant name when the shape matches one, else 'custom'."""
+        """The paper's variant name when the shape matches one, else 'custom' (a backbone has no head to match)."""
         for name, ref in VARIANTS.items():
-            if (ref.embed_dim, ref.depths, ref.act) == (self.embed_dim, self.depths, self.act) and (
-                self.n_div,
-                self.mlp_ratio,
-                self.feature_dim,
-                self.layer_scale,
-            ) == (4, 2.0, 1280, False):
+            if (
+                (ref.embed_dim, ref.depths, ref.act) == (self.embed_dim, self.depths, self.act)
+                and (self.n_div, self.mlp_ratio, self.layer_scale) == (4, 2.0, False)
+                and (self.features or self.feature_dim == 1280)
+            ):
                 return name
         return "custom"
+
+    def outputs(self) -> list[dict]:
+        """A backbone's outputs in stride order: name, channels, stride."""
+        return [
+            {"name": f"feat_s{4 * 2**i}", "channels": self.embed_dim * 2**i, "stride": 4 * 2**i}
+            for i in range(len(self.depths))
+        ]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self) | {"depths": list(self.depths), "variant": self.variant}
@@ -151,7 +168,8 @@ class PatchMerging(nn.Module):
 
 
 class FasterNet(nn.Module):
-    """FasterNet classifier: stem, stages with merging layers between them, pooled conv head."""
+    """FasterNet: stem, stages with merging layers between them, then a pooled conv head (classifier) or
+    the four stage outputs, each through its own BatchNorm in the official `fork_feat` model (backbone)."""
 
     def __init__(self, cfg: FasterNetConfig) -> None:
         super().__init__()
@@ -165,21 +183,40 @@ class FasterNet(nn.Module):
                 layers.append(PatchMerging(dim, cfg))
         self.stages = nn.Sequential(*layers)
         self.num_features = cfg.embed_dim * 2 ** (len(cfg.depths) - 1)
-        self.avgpool_pre_head = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1),
-            nn.Conv2d(self.num_features, cfg.feature_dim, 1, bias=False),
-            make_act(cfg.act),
-        )
-        self.head = nn.Linear(cfg.feature_dim, cfg.num_classes)
+        # Official names: stage outputs sit at `stages` indices 0, 2, 4, 6 (merging layers in between).
+        self.out_indices = tuple(range(0, 2 * len(cfg.depths), 2))
+        if cfg.features:
+            for i in self.out_indices:
+                norm = nn.BatchNorm2d(cfg.embed_dim * 2 ** (i // 2)) if cfg.out_norms else nn.Identity()
+                self.add_module(f"norm{i}", norm)
+        else:
+            self.avgpool_pre_head = nn.Sequential(
+                nn.AdaptiveAvgPool2d(1),
+                nn.Conv2d(self.num_features, cfg.feature_dim, 1, bias=False),
+                make_act(cfg.act),
+            )
+            self.head = nn.Linear(cfg.feature_dim, cfg.num_classes)
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        if self.cfg.features:
+            return self.forward_features(x)
         x = self.avgpool_pre_head(self.stages(self.patch_embed(x)))
         return self.head(torch.flatten(x, 1))
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The four stage outputs in stride order; the un-normed stage output feeds the next stage."""
+        x = self.patch_embed(x)
+        outs = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in self.out_indices:
+                outs.append(getattr(self, f"norm{i}")(x))
+        return tuple(outs)
 
     def set_pconv_form(self, form: str) -> None:
         """Pick the PConv forward form for every block ('split_cat', 'slicing' or 'slice_cat')."""
@@ -190,12 +227,26 @@ class FasterNet(nn.Module):
                 m.form = form
 
 
-def count(model: nn.Module, imgsz: int = 224) -> tuple[int, int]:
+def as_backbone(model: FasterNet) -> FasterNet:
+    """A classifier's stem and stages as a backbone (`--features`): the four stage outputs, no head, no norms."""
+    cfg = dataclasses.replace(model.cfg, features=True, out_norms=False, num_classes=0, feature_dim=0)
+    backbone = FasterNet(cfg)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith(("avgpool_pre_head.", "head."))}
+    backbone.load_state_dict(state)
+    return backbone.eval()
+
+
+def hw(imgsz: int | tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of an input size given as one number (square) or a pair."""
+    return (imgsz, imgsz) if isinstance(imgsz, int) else (int(imgsz[0]), int(imgsz[1]))
+
+
+def count(model: nn.Module, imgsz: int | tuple[int, int] = 224) -> tuple[int, int]:
     """Parameters and multiply-accumulates for one image, counted by torch's FLOP counter."""
     from torch.utils.flop_counter import FlopCounterMode
 
     params = sum(p.numel() for p in model.parameters())
-    x = torch.zeros(1, 3, imgsz, imgsz)
+    x = torch.zeros(1, 3, *hw(imgsz))
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model.eval()(x)
     # torch counts 2 FLOPs per multiply-accumulate; the paper's "FLOPs" are MACs.

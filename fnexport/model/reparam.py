@@ -30,6 +30,19 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     return fused
 
 
+class ChannelAffine(nn.Module):
+    """x * scale + shift per channel: an eval-mode BatchNorm that no conv can absorb."""
+
+    def __init__(self, bn: nn.BatchNorm2d) -> None:
+        super().__init__()
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        self.register_buffer("scale", scale.reshape(1, -1, 1, 1).clone())
+        self.register_buffer("shift", (bn.bias - bn.running_mean * scale).reshape(1, -1, 1, 1).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.shift
+
+
 @torch.no_grad()
 def reparameterize(model: FasterNet, pconv_form: str = "split_cat") -> FasterNet:
     """A folded, eval-mode deep copy of `model`; the original is left untouched."""
@@ -46,5 +59,10 @@ def reparameterize(model: FasterNet, pconv_form: str = "split_cat") -> FasterNet
                 # layer_scale * conv(x) is a conv with its output channels scaled (it has no bias).
                 m.mlp[3].weight.mul_(m.layer_scale[:, None, None, None])
                 m.layer_scale = None
+    # A backbone's norm0/2/4/6 act on a stage output, which is a residual sum (x + mlp(x)) that also feeds
+    # the next stage un-normed: no conv produces it alone, so folding is never exact here and each norm
+    # becomes a per-channel scale and shift (Mul + Add in ONNX; runtimes fuse it into the next op).
+    for i in model.out_indices if model.cfg.out_norms else ():
+        setattr(model, f"norm{i}", ChannelAffine(getattr(model, f"norm{i}")))
     model.set_pconv_form(pconv_form)
     return model

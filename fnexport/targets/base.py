@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 import torch
 
-from fnexport.comparison import labels_for, reference
+from fnexport.comparison import feature_reference, labels_for, reference
 from fnexport.data import DEFAULT_DATA, PARITY_SEED, ImageSet, load_images
 from fnexport.errors import BadInput
 from fnexport.model.checkpoint import Checkpoint
@@ -25,7 +25,8 @@ class Runner(Protocol):
     batch: int | None  # the artifact's fixed batch size, None when dynamic
     info: dict[str, Any]  # what actually ran (provider, execution precision, threads)
 
-    def __call__(self, x: np.ndarray) -> np.ndarray: ...  # NCHW float32 -> logits float32
+    # NCHW float32 -> logits float32; a backbone's runner returns its outputs as a list, in stride order.
+    def __call__(self, x: np.ndarray) -> np.ndarray | list[np.ndarray]: ...
     def close(self) -> None: ...
 
 
@@ -81,7 +82,7 @@ class Source:
         self._onnx: Path | None = None
         self._calibration: ImageSet | None = None
         self._parity: ImageSet | None = None
-        self._reference: np.ndarray | None = None
+        self._reference: np.ndarray | list[np.ndarray] | None = None
 
     def __enter__(self) -> Source:
         return self
@@ -123,12 +124,15 @@ class Source:
             self._parity = parity_images(self.recipe)
         return self._parity
 
-    def reference(self) -> np.ndarray:
-        """Logits of the original, un-reparameterized model on the parity inputs."""
+    def reference(self) -> np.ndarray | list[np.ndarray]:
+        """Logits (a backbone: its outputs) of the original, un-reparameterized model on the parity inputs."""
         if self._reference is None:
-            self._reference = reference(self.ckpt.model, self.parity_inputs().x)
+            make = feature_reference if self.ckpt.config.features else reference
+            self._reference = make(self.ckpt.model, self.parity_inputs().x)
         return self._reference
 
     def labels(self) -> np.ndarray | None:
         """The parity images' labels as model class indices, when their folders name the model's classes."""
+        if self.ckpt.config.features:
+            return None
         return labels_for(self.ckpt.labels, self.ckpt.config.num_classes, self.parity_inputs())

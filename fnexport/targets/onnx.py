@@ -133,8 +133,9 @@ class OrtRunner:
             "threads": threads or os.cpu_count(),
         } | ({"disabled_optimizers": list(disabled_optimizers)} if disabled_optimizers else {})
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, np.float32)})[0]
+    def __call__(self, x: np.ndarray) -> np.ndarray | list[np.ndarray]:
+        outs = self.session.run(None, {self.input_name: np.ascontiguousarray(x, np.float32)})
+        return outs[0] if len(outs) == 1 else outs  # a backbone: its feature maps in stride order
 
     def close(self) -> None:
         del self.session

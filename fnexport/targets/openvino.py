@@ -171,20 +171,22 @@ class OvRunner:
             "threads": int(self.compiled.get_property("INFERENCE_NUM_THREADS")),
         }
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray) -> np.ndarray | list[np.ndarray]:
         x = np.ascontiguousarray(x, np.float32)
+        n_out = len(self.compiled.outputs)
         if len(self.requests) == 1 or len(x) == 1:
-            return self.requests[0].infer({0: x})[0]
-        # Dynamic batch under THROUGHPUT: one slice per stream, run in parallel, joined in order.
-        parts = np.array_split(x, min(len(self.requests), len(x)))
-        busy = self.requests[: len(parts)]
-        for request, part in zip(busy, parts, strict=True):
-            request.start_async({0: part})
-        outs = []
-        for request in busy:
-            request.wait()
-            outs.append(request.get_output_tensor(0).data.copy())
-        return np.concatenate(outs)
+            result = self.requests[0].infer({0: x})
+            outs = [result[i] for i in range(n_out)]
+        else:
+            # Dynamic batch under THROUGHPUT: one slice per stream, run in parallel, joined in order.
+            parts = np.array_split(x, min(len(self.requests), len(x)))
+            busy = self.requests[: len(parts)]
+            for request, part in zip(busy, parts, strict=True):
+                request.start_async({0: part})
+            for request in busy:
+                request.wait()
+            outs = [np.concatenate([r.get_output_tensor(i).data.copy() for r in busy]) for i in range(n_out)]
+        return outs[0] if n_out == 1 else outs  # a backbone: its feature maps in stride order
 
     def close(self) -> None:
         del self.requests, self.compiled

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 import fnexport.manifest as mf
-from fnexport.comparison import check, tolerance_for
+from fnexport.comparison import check, check_features, tolerance_for
 from fnexport.console import log, require, step
 from fnexport.data import batches
 from fnexport.errors import BackendUnavailable, BadInput, CheckFailed, FnexportError
@@ -67,6 +67,9 @@ ORT_FP16_QDQ_BUG = ("WeightBiasQuantization",)
 HARDWARE_COMPAT = {"none": "NONE", "ampere+": "AMPERE_PLUS", "same-cc": "SAME_COMPUTE_CAPABILITY"}
 TRTEXEC_HARDWARE = {"ampere+": "ampere+", "same-cc": "sameComputeCapability"}  # --hardwareCompatibilityLevel
 DYNAMIC_PROFILE = (1, 16, 64)  # min/opt/max batch of a --dynamic engine; parity feeds chunks of 32
+# min/opt/max height and width of a --dynamic-hw engine when --profile-hw is not given: opt is the exported
+# size, min and max a quarter and twice it (a detector's usual range), at least 32 and at most 4096.
+HW_PROFILE_RANGE = (0.25, 2.0)
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,8 @@ class EngineOptions:
     hardware_compat: str = "none"
     timing_cache: Path | None = None  # default: one file per TensorRT version and GPU in fnexport's cache
     profile: tuple[int, int, int] | None = None  # dynamic batch min/opt/max; default DYNAMIC_PROFILE
+    # Dynamic height/width: (min, opt, max) per dimension; default from the exported size (hw_profile).
+    profile_hw: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None
 
     def __post_init__(self) -> None:
         if self.hardware_compat not in HARDWARE_COMPAT:
@@ -197,11 +202,18 @@ def prepared_runner(prepared: Path, precision: str) -> OrtRunner:
 def check_prepared(src: Source, recipe: Recipe, prepared: Path, out_dir: Path) -> dict[str, Any]:
     """Run the prepared ONNX on ONNX Runtime CPU against PyTorch; keep the reference for the GPU host."""
     data, ref, labels = src.parity_inputs(), src.reference(), src.labels()
-    extra = {} if labels is None else {"labels": labels}
-    np.savez(out_dir / REFERENCE, logits=ref, input_sha256=np.array(input_digest(data.x)), **extra)
+    cfg = src.ckpt.config
+    tol = tolerance_for(recipe.precision, recipe.tolerance, backbone=cfg.features)
     runner = prepared_runner(prepared, recipe.precision)
     disabled = runner.info.get("disabled_optimizers")
-    report = check(runner, data.x, ref, tolerance_for(recipe.precision, recipe.tolerance), labels)
+    if cfg.features:
+        names = [o["name"] for o in cfg.outputs()]
+        np.savez(out_dir / REFERENCE, input_sha256=np.array(input_digest(data.x)), **dict(zip(names, ref, strict=True)))
+        report = check_features(runner, data.x, ref, tol, names)
+    else:
+        extra = {} if labels is None else {"labels": labels}
+        np.savez(out_dir / REFERENCE, logits=ref, input_sha256=np.array(input_digest(data.x)), **extra)
+        report = check(runner, data.x, ref, tol, labels)
     if recipe.precision in ("fp16", "int8"):  # INT8's float part is FP16 too
         # ORT's CPU provider has no FP16 Conv on x86: it casts the graph back to FP32 and drops the
         # casts between ops, so this run checks FP16 weights only. Overflow is checked separately.
@@ -239,12 +251,27 @@ def engine_unavailable() -> str | None:
 def profile_shapes(shape: list, opts: EngineOptions) -> tuple[tuple[int, ...], ...] | None:
     """Min, opt and max input shapes of the optimization profile; None when every dimension is fixed.
 
-    One (min, opt, max) range per dynamic dimension: only the batch today (height and width would add theirs).
+    One (min, opt, max) range per dynamic dimension: the batch, and height and width of a --dynamic-hw backbone.
     """
     ranges = {} if isinstance(shape[0], int) else {0: opts.profile or DYNAMIC_PROFILE}
+    if isinstance(shape[2], str):
+        if opts.profile_hw is None:
+            raise FnexportError("a dynamic height/width engine needs its profile_hw; please report this")
+        ranges[2], ranges[3] = opts.profile_hw
     if not ranges:
         return None
     return tuple(tuple(ranges[d][k] if d in ranges else int(shape[d]) for d in range(len(shape))) for k in range(3))
+
+
+def hw_profile(
+    size: tuple[int, int], given: tuple[int, int, int] | None = None
+) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(min, opt, max) for height and for width: --profile-hw for both when given, else around the exported size."""
+    if given is not None:
+        return tuple(given), tuple(given)  # type: ignore[return-value]
+    low, high = HW_PROFILE_RANGE
+    h, w = ((max(32, int(s * low) // 32 * 32), s, min(4096, max(s, int(s * high) // 32 * 32))) for s in size)
+    return h, w
 
 
 def hardware_level(trt: ModuleType, opts: EngineOptions, here: dict[str, str]) -> Any:
@@ -462,8 +489,11 @@ class TensorRtTarget:
         details["prepared_check"] = check_prepared(src, recipe, prepared, out_dir)
         details["prepared"] = {"file": PREPARED, "sha256": mf.sha256_artifact(prepared)}
         batch = "batch" if recipe.dynamic else recipe.batch
-        shape = [batch, src.ckpt.config.in_chans, recipe.imgsz, recipe.imgsz]
-        opts = EngineOptions()
+        dims = ["height", "width"] if recipe.dynamic_hw else list(recipe.hw)
+        shape = [batch, src.ckpt.config.in_chans, *dims]
+        opts = EngineOptions(profile_hw=hw_profile(recipe.hw, recipe.profile_hw) if recipe.dynamic_hw else None)
+        if opts.profile_hw is not None:
+            details["profile_hw"] = {"height": list(opts.profile_hw[0]), "width": list(opts.profile_hw[1])}
         reason = engine_unavailable()
         if reason is not None:
             return Exported(prepared, details, unfinished=handoff(reason, shape, recipe.precision, opts))

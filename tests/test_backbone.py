@@ -1,0 +1,147 @@
+"""Backbones end to end (issue 16): official fork_feat and mmdetection checkpoints through the CLI into ONE
+dynamic-H x W artifact per target, every output compared at two non-square sizes with the independent forward."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import functional_backbone
+from test_cli import cli
+
+NAMES = ["feat_s4", "feat_s8", "feat_s16", "feat_s32"]
+# Two non-square sizes other than the exported 64x96, batch 2 and 1.
+SIZES = [(2, 96, 64), (1, 128, 96)]
+
+
+def _inputs() -> list[np.ndarray]:
+    gen = torch.Generator().manual_seed(7)
+    return [torch.randn(b, 3, h, w, generator=gen).numpy() for b, h, w in SIZES]
+
+
+def _assert_matches(run, sd: dict) -> None:
+    """`run(x)` (a list of four arrays) against the independent forward, per output, 1e-4 of its range."""
+    for x in _inputs():
+        with torch.no_grad():
+            ref = [r.numpy() for r in functional_backbone(sd, "gelu", torch.from_numpy(x))]
+        outs = run(x)
+        assert len(outs) == 4
+        for name, r, o in zip(NAMES, ref, outs, strict=True):
+            assert o.shape == r.shape, name
+            assert np.abs(o - r).max() / np.abs(r).max() < 1e-4, name
+
+
+def _convert(ckpt, out, *extra) -> tuple[int, dict | None, str]:
+    code, _, stderr = cli(
+        "convert", str(ckpt), "--imgsz", "64,96", "--dynamic", "--dynamic-hw", "--out", str(out), "--json", *extra
+    )
+    manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").exists() else None
+    return code, manifest, stderr
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(backbone_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bb") / "onnx"
+    code, manifest, stderr = _convert(backbone_files["mmdet"], out)
+    assert code == 0, stderr
+    return out, manifest
+
+
+def _ort(path):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda x: session.run(None, {"input": x})
+
+
+def test_mmdet_checkpoint_to_one_dynamic_onnx(onnx_dir, fork_feat_sd):
+    out, manifest = onnx_dir
+    graph = onnx.load(str(out / "model.onnx"))
+    ops = {n.op_type for n in graph.graph.node}
+    assert not ops & {"BatchNormalization", "ScatterND"}
+    assert [o.name for o in graph.graph.output] == NAMES
+    dims = [d.dim_param or d.dim_value for d in graph.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 3, "height", "width"]
+    _assert_matches(_ort(out / "model.onnx"), fork_feat_sd)
+    # The manifest records what the artifact is and the per-output parity convert ran.
+    assert manifest["kind"] == "backbone" and manifest["source"]["layout"].startswith("mmdet")
+    assert manifest["input"]["shape"] == ["batch", 3, "height", "width"] and manifest["input"]["size"] == [64, 96]
+    assert manifest["input"]["resize"] == "letterbox"
+    assert [(o["name"], o["channels"], o["stride"]) for o in manifest["outputs"]] == list(
+        zip(NAMES, [40, 80, 160, 320], [4, 8, 16, 32], strict=True)
+    )
+    parity = manifest["parity"]
+    assert parity["passed"] and [o["name"] for o in parity["outputs"]] == NAMES
+    assert all(o["max_rel"] < 1e-5 and o["cosine"] > 0.99999 for o in parity["outputs"])
+    assert "top1" not in parity and "accuracy" not in parity  # classifier-only figures omitted
+
+
+def test_official_fork_feat_to_one_dynamic_openvino_ir(backbone_files, fork_feat_sd, tmp_path):
+    ov = pytest.importorskip("openvino")
+    code, manifest, stderr = _convert(backbone_files["plain"], tmp_path / "ov", "--target", "openvino")
+    assert code == 0, stderr
+    core = ov.Core()
+    model = core.read_model(str(tmp_path / "ov" / "openvino_model" / "model.xml"))
+    assert [o.get_any_name() for o in model.outputs] == NAMES
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    _assert_matches(lambda x: [compiled(x)[i] for i in range(4)], fork_feat_sd)
+    assert manifest["parity"]["passed"]
+
+
+def test_tensorrt_ready_onnx_has_an_hw_profile(backbone_files, fork_feat_sd, tmp_path):
+    out = tmp_path / "trt"
+    code, manifest, stderr = _convert(backbone_files["mmdet"], out, "--target", "tensorrt", "--profile-hw", "64,96,256")
+    assert code == 3, stderr  # no TensorRT/GPU here: the prepared ONNX is written and the hand-off printed
+    assert "--minShapes=input:1x3x64x64 --optShapes=input:16x3x96x96 --maxShapes=input:64x3x256x256" in stderr
+    assert manifest["details"]["prepared_check"]["passed"]
+    assert manifest["details"]["profile_hw"] == {"height": [64, 96, 256], "width": [64, 96, 256]}
+    _assert_matches(_ort(out / "model.onnx"), fork_feat_sd)
+
+
+def test_classifier_exported_as_backbone_with_features(layouts, t0_model, tmp_path):
+    code, stdout, stderr = cli(
+        "convert", str(layouts["official"]), "--features", "--imgsz", "64,96", "--out", str(tmp_path / "f"), "--json"
+    )
+    assert code == 0, stderr
+    manifest = json.loads(stdout)
+    assert manifest["kind"] == "backbone" and manifest["input"]["shape"] == [1, 3, 64, 96]
+    sd = {k: v for k, v in t0_model.state_dict().items() if not k.startswith(("head.", "avgpool_pre_head."))}
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    outs = _ort(tmp_path / "f" / "model.onnx")(x.numpy())
+    with torch.no_grad():
+        for r, o in zip(functional_backbone(sd, "gelu", x), outs, strict=True):
+            assert np.abs(o - r.numpy()).max() / r.abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--target", "coreml", "--dynamic-hw"], "--dynamic-hw: --target coreml takes a fixed input size"),
+        (["--target", "executorch"], "--target executorch: "),
+        (["--target", "ncnn"], "--target ncnn: "),
+        (["--profile-hw", "64,96,128", "--dynamic-hw"], "--profile-hw: applies only to --target tensorrt"),
+        (["--imgsz", "64,90"], "--imgsz: 90 is not a multiple of 32"),
+        (["--imgsz", "64,96,128"], "--imgsz '64,96,128': give one size"),
+        (["--resize", "squash"], "--resize"),
+    ],
+)
+def test_backbone_refusals_are_one_line_exit_2(backbone_files, tmp_path, args, message):
+    code, _, stderr = cli("convert", str(backbone_files["plain"]), "--out", str(tmp_path / "x"), *args)
+    assert code == 2, stderr
+    assert message in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("args", [["--imgsz", "64,96"], ["--dynamic-hw"], ["--resize", "letterbox"]])
+def test_classifiers_refuse_backbone_settings(layouts, tmp_path, args):
+    code, _, stderr = cli("convert", str(layouts["official"]), "--out", str(tmp_path / "x"), *args)
+    assert code == 2 and "for backbones only" in stderr and "--features" in stderr
+
+
+def test_inspect_cli_kind(backbone_files):
+    code, stdout, _ = cli("inspect", str(backbone_files["mmdet"]), "--imgsz", "64,96", "--json")
+    info = json.loads(stdout)
+    assert code == 0 and info["kind"] == "backbone" and len(info["outputs"]) == 4
+    code, stdout, _ = cli("inspect", str(backbone_files["mmdet"]), "--imgsz", "64,96")
+    assert "fasternet_t0 backbone" in stdout and "output feat_s32: 320 channels, stride 32" in stdout
