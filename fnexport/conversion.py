@@ -261,7 +261,7 @@ def backbone_manifest(
             }
             for o in cfg.outputs()
         ],
-        "model": cfg.to_dict() | {"params": params, "macs": macs, "macs_at": [h, w]},
+        "model": cfg.to_dict() | {"params": params, "macs": macs},  # MACs at input.size
         "labels": None,
         "source": ckpt.source(),
         "recipe": recipe.model_dump(mode="json"),

@@ -169,6 +169,12 @@ def read_verified(dirs) -> list[tuple[Path, dict]]:
 
 def preprocess_of(manifest: dict) -> Preprocess:
     spec = manifest["input"]
+    if manifest.get("kind") == "backbone":  # the exported size (a dynamic H x W artifact's shape says height, width)
+        h, w = spec["size"]
+        size = h if h == w else (h, w)
+        return Preprocess(
+            size, tuple(spec["mean"]), tuple(spec["std"]), spec["crop_pct"], spec["interpolation"], spec["resize"]
+        )
     return Preprocess(
         spec["shape"][2], tuple(spec["mean"]), tuple(spec["std"]), spec["crop_pct"], spec["interpolation"]
     )
