@@ -71,6 +71,10 @@ def _floats3(text: str | None, flag: str) -> tuple[float, float, float] | None:
     return values  # type: ignore[return-value]
 
 
+def _names(text: str | None) -> tuple[str, ...] | None:
+    return None if text is None else tuple(n.strip() for n in text.split(","))
+
+
 def _imgsz(text: str | None, flag: str = "--imgsz") -> int | tuple[int, int] | None:
     """--imgsz 224 (square) or --imgsz H,W (backbones); the recipe checks the values."""
     if text is None:
@@ -161,7 +165,17 @@ def convert_command(
     ] = None,
     samples: Annotated[int | None, typer.Option(help="Calibration images to use (default 300).")] = None,
     calib_method: Annotated[
-        str | None, typer.Option(help="INT8 calibration: minmax (default), entropy or percentile.")
+        str | None,
+        typer.Option(help="INT8 calibration: minmax, entropy or percentile; pins it (default: the search picks)."),
+    ] = None,
+    int8_search: Annotated[
+        str | None,
+        typer.Option(
+            help="INT8: quick (default), full or off: try settings, then float layers, until the gate passes."
+        ),
+    ] = None,
+    int8_exclude: Annotated[
+        str | None, typer.Option(help="INT8: PyTorch module names kept in float, e.g. head,avgpool_pre_head.1.")
     ] = None,
     data: Annotated[
         str | None, typer.Option(help="Images for the convert-time parity check (default embedded:natural).")
@@ -169,7 +183,9 @@ def convert_command(
     atol: Annotated[float | None, typer.Option(help="Max abs logit error allowed (FP32 default 1e-3).")] = None,
     max_drop: Annotated[
         float | None,
-        typer.Option(help="openvino int8: max top-1 accuracy drop (0.01 = 1 point) on a labelled --calib folder."),
+        typer.Option(
+            help="int8 (onnx, onnx-arm, openvino): max top-1 accuracy drop (0.01 = 1 point), labelled --calib."
+        ),
     ] = None,
     input_: Annotated[
         str | None, typer.Option("--input", help="coreml: image (default; preprocessing built in) or tensor.")
@@ -187,7 +203,8 @@ def convert_command(
         ckpt, target, precision, out, recipe=recipe, imgsz=_imgsz(imgsz), batch=batch, dynamic=dynamic or None,
         dynamic_hw=dynamic_hw or None, profile_hw=_ints3(profile_hw, "--profile-hw", "320,640,1344"), resize=resize,
         opset=opset, mean=_floats3(mean, "--mean"), std=_floats3(std, "--std"), crop_pct=crop_pct,
-        interpolation=interpolation, calib=calib, samples=samples, calib_method=calib_method, data=data,
+        interpolation=interpolation, calib=calib, samples=samples, calib_method=calib_method,
+        int8_search=int8_search, int8_exclude=_names(int8_exclude), data=data,
         atol=atol, max_drop=max_drop, input=input_, labels=labels, features=features, act=act,
         unsafe_load=unsafe_load,
     )  # fmt: skip

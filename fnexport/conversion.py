@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+import fnexport.int8_search as int8_search
 import fnexport.manifest as mf
 from fnexport.comparison import (
     FeatureReport,
@@ -63,12 +64,21 @@ def convert_checkpoint(ckpt: Checkpoint, recipe: Recipe, out: Path | None = None
     out = out or default_out(ckpt, recipe)
     mf.check_out(out)  # before the parity data is loaded and run: a bad --out fails in a moment
     with Source(ckpt, recipe) as src:
+        if recipe.precision == "int8":
+            int8_search.check_request(src)  # --int8-exclude names, --max-drop's labels: before any long work
         src.reference()  # the parity images and their logits, before the export: bad --data fails early
         with mf.atomic_dir(out) as tmp:
             reparam_err = check_reparam(src)
-            with step(f"Exporting {target.name} {recipe.precision}"):
-                exported = target.export(src, tmp, recipe)
+            searched = None
+            if int8_search.applies(target, recipe):
+                with step(f"Searching {target.name} int8 settings ({recipe.int8_search})"):
+                    exported, searched = int8_search.search(src, target, recipe, tmp)
+            else:
+                with step(f"Exporting {target.name} {recipe.precision}"):
+                    exported = target.export(src, tmp, recipe)
             manifest = build_manifest(ckpt, recipe, target, exported)
+            if searched is not None:
+                manifest["int8"] = searched
             record_inputs(src, exported, manifest)
             manifest["parity"] = {
                 "reference": "PyTorch eager FP32, the model as loaded (BatchNorm not folded)",

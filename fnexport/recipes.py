@@ -36,6 +36,9 @@ MIN_CROP_PCT = 0.25  # the resize before the crop is at most 4x the input size
 MIN_OPSET, MAX_OPSET = 18, 23
 
 
+# Targets whose INT8 the search (fnexport/int8_search.py) drives: they take calibration options and float layers.
+INT8_SEARCH_TARGETS = ("onnx", "onnx-arm", "openvino")
+
 # Why the maxima exist, added to pydantic's "less than or equal to N" message.
 BOUNDS = {
     "batch": "a static batch is exported and parity runs it on this machine; bounded so it fits in memory",
@@ -135,7 +138,13 @@ class Recipe(_Strict):
     preprocess: PreprocessSpec = PreprocessSpec()
     calib: str | None = None
     calib_samples: int = Field(300, ge=1)
+    # minmax unless given: a method given here or by --calib-method is pinned, and the INT8 search keeps it.
     calib_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    # INT8 on onnx, onnx-arm and openvino: try calibration settings, then float layers, until the gate passes
+    # (fnexport/int8_search.py); "off" quantizes once with the recipe's settings.
+    int8_search: Literal["quick", "full", "off"] = "quick"
+    # PyTorch module names (Conv2d/Linear, e.g. head, avgpool_pre_head.1) kept in float in an INT8 artifact.
+    int8_exclude: Annotated[tuple[str, ...], BeforeValidator(_tuple)] = ()
     parity_data: str | None = None
     parity_samples: int = Field(32, ge=1)
     tolerance: Tolerance = Tolerance()
@@ -195,10 +204,29 @@ class Recipe(_Strict):
     @field_validator("max_drop")
     @classmethod
     def _int8_accuracy_control(cls, v: float | None, info: ValidationInfo) -> float | None:
-        # Only OpenVINO's NNCF accuracy control uses it; silently ignoring it elsewhere would mislead.
-        if v is not None and (info.data.get("target"), info.data.get("precision")) != ("openvino", "int8"):
-            raise ValueError("applies only to --target openvino --precision int8 (NNCF accuracy control)")
+        # OpenVINO: NNCF accuracy control; onnx, onnx-arm: the INT8 search's float fallback. Silently ignoring
+        # it elsewhere would mislead.
+        if v is not None and (
+            info.data.get("precision") != "int8" or info.data.get("target") not in ("openvino", *INT8_SEARCH_TARGETS)
+        ):
+            raise ValueError(
+                "applies only to --precision int8 with --target openvino (NNCF accuracy control), onnx or onnx-arm"
+            )
         return v
+
+    @field_validator("int8_exclude")
+    @classmethod
+    def _int8_exclusions(cls, v: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        if v and (info.data.get("precision") != "int8" or info.data.get("target") not in INT8_SEARCH_TARGETS):
+            raise ValueError(f"applies only to --precision int8 with --target {', '.join(INT8_SEARCH_TARGETS)}")
+        if any(not name for name in v) or len(set(v)) != len(v):
+            raise ValueError("give distinct module names, e.g. head,avgpool_pre_head.1")
+        return v
+
+    @property
+    def calib_method_pinned(self) -> bool:
+        """The calibration method was asked for (flag or recipe key), so the INT8 search does not vary it."""
+        return "calib_method" in self.model_fields_set
 
     @field_validator("input")
     @classmethod

@@ -118,11 +118,13 @@ def digits_ckpt(digits_dirs, tmp_path_factory) -> Path:
     return path
 
 
-def hard_int8_model(imgsz: int = 64, seed: int = 0) -> FasterNet:
+def hard_int8_model(imgsz: int = 64, seed: int = 1) -> FasterNet:
     """A T0 as the official code leaves it before fine-tuning: default init, BatchNorm statistics from data
     (cumulative averages over the natural images), head not scaled. Its logits are small and its head is
-    wide, so plain MinMax INT8 misses the default gate on every target (measured at 64: ONNX Runtime
-    cosine 0.88 / top-1 84%, OpenVINO top-1 88%); entropy and percentile miss it too."""
+    wide, so plain MinMax INT8 misses the default gate on every target (seed 1 at 64: OpenVINO worst cosine
+    0.977; seed 0: ONNX Runtime 0.88 / top-1 84%, OpenVINO top-1 88%, entropy and percentile miss too).
+    Seed 1 because its top two classes are never tied closer than 2.6% of the logit std on the 32 parity
+    images (seed 0: 0.6%, a coin flip for any rounding), so a verdict says something about the setting."""
     torch.manual_seed(seed)
     model = FasterNet(dataclasses.replace(VARIANTS["fasternet_t0"], num_classes=10))
     for m in model.modules():

@@ -1,23 +1,113 @@
-"""INT8 that ships: on a model whose plain MinMax INT8 fails the gate."""
+"""INT8 that ships (fnexport/int8_search.py): on a model whose plain MinMax INT8 fails the gate on every target."""
 
 from __future__ import annotations
 
+import onnx
 import pytest
 
+import fnexport.int8_search as int8_search
 from fnexport.conversion import convert
-from fnexport.errors import CheckFailed
+from fnexport.demo import DIGITS_PRE
+from fnexport.errors import BadInput, CheckFailed
+from fnexport.gate import gate
 from fnexport.model.checkpoint import load_checkpoint
-from fnexport.recipes import Recipe
+from fnexport.recipes import Recipe, Tolerance
+from tests.test_cli import cli
 
 
 def _recipe(target: str, **kw) -> Recipe:
     return Recipe(
-        **{"target": target, "precision": "int8", "imgsz": 64, "calib": "embedded:natural", "calib_samples": 64, **kw}
+        **{"target": target, "precision": "int8", "imgsz": 64, "calib": "embedded:natural", "calib_samples": 84, **kw}
     )
 
 
-def test_hard_model_fails_plain_minmax(hard_ckpt, tmp_path):
-    """The fixture is really hard: today's single MinMax calibration misses the default gate."""
-    with pytest.raises(CheckFailed, match="parity failed"):
-        convert(load_checkpoint(hard_ckpt), _recipe("onnx"), tmp_path / "out")
+def test_search_off_keeps_todays_failure(hard_ckpt, tmp_path):
+    """The fixture is really hard: one MinMax calibration (today's behaviour, --int8-search off) fails the gate."""
+    with pytest.raises(CheckFailed, match="onnx int8 parity failed"):
+        convert(load_checkpoint(hard_ckpt), _recipe("onnx", int8_search="off"), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# openvino is not here: on this fixture at 64 its quick search ran out of budget on the shared 2-core machine
+# (NNCF candidates took 30-40 s each there); see the README's INT8 section.
+@pytest.mark.parametrize("target", ["onnx", "onnx-arm"])
+def test_search_finds_a_passing_artifact(hard_ckpt, target, tmp_path):
+    ckpt = load_checkpoint(hard_ckpt)
+    out, manifest = convert(ckpt, _recipe(target), tmp_path / target)
+    search = manifest["int8"]
+    assert manifest["parity"]["passed"] and search["chosen"]["passed"]
+    assert search["search"] == "quick" and search["budget_s"] == int8_search.BUDGET_S["quick"]
+    first = search["candidates"][0]
+    assert not first["passed"] and first["failures"]  # the default setting failed, something later passed
+    assert [c["passed"] for c in search["candidates"]].count(True) == 1  # quick stops at the first pass
+    assert all(c["seconds"] > 0 and "cosine" in c for c in search["candidates"])
+    assert search["float_layers"] == search["chosen"]["float_layers"]
+    if target != "onnx-arm":  # an ARM artifact is not timed on the x86 that converts it
+        assert search["speed"]["fp32_ms"] > 0 and search["speed"]["int8_ms"] > 0
+    # `fnexport parity` on its own (larger) image sample passes the artifact again.
+    [result] = gate(ckpt, [out])
+    assert result.status == "PASS", result.reason
+
+
+def test_search_out_of_budget_names_the_best_candidate(hard_ckpt, tmp_path, monkeypatch):
+    """OpenVINO's default setting fails on the fixture; with no budget left after it, exit 1 with its figures."""
+    monkeypatch.setitem(int8_search.BUDGET_S, "quick", 0.001)  # the first candidate always runs
+    with pytest.raises(CheckFailed, match=r"none of 1 INT8 candidates .* best: performance fast: cos 0\.9"):
+        convert(load_checkpoint(hard_ckpt), _recipe("openvino"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_exclusions_by_hand_are_kept_in_float_and_recorded(hard_ckpt, tmp_path):
+    loose = Tolerance(min_cosine=0.0, min_top1=0.0, max_abs_rms=100.0)  # this test is about the graph
+    recipe = _recipe("onnx", int8_search="off", int8_exclude=("head", "avgpool_pre_head.1"), tolerance=loose)
+    out, manifest = convert(load_checkpoint(hard_ckpt), recipe, tmp_path / "out")
+    assert manifest["details"]["float_layers"] == ["head", "avgpool_pre_head.1"]
+    graph = onnx.load(str(out / "model.onnx")).graph
+    weights = {n.input[1]: n.op_type for n in graph.node if n.op_type in ("Conv", "Gemm")}
+    assert "head.weight" in weights and "avgpool_pre_head.1.weight" in weights  # float weights, no DequantizeLinear
+    assert "patch_embed.proj.weight" not in weights  # the stem stays quantized
+
+
+def test_unknown_exclusion_is_refused_before_any_work(hard_ckpt, tmp_path):
+    with pytest.raises(BadInput, match=r"--int8-exclude nope: .*valid names: patch_embed.proj, "):
+        convert(load_checkpoint(hard_ckpt), _recipe("onnx", int8_exclude=("nope",)), tmp_path / "out")
+    code, _, err = cli(
+        "convert", str(hard_ckpt), "-p", "int8", "--calib", "embedded:natural", "--int8-exclude", "head,nope"
+    )
+    assert code == 2 and "--int8-exclude nope" in err
+
+
+def test_exclusions_need_an_int8_target_that_takes_them():
+    with pytest.raises(ValueError, match="int8_exclude"):
+        Recipe(target="onnx", precision="fp32", int8_exclude=("head",))
+    with pytest.raises(ValueError, match="int8_exclude"):
+        Recipe(target="tensorrt", precision="int8", calib="embedded:natural", int8_exclude=("head",))
+
+
+def _digits(digits_dirs, **kw) -> Recipe:
+    return Recipe(
+        target="onnx",
+        precision="int8",
+        imgsz=DIGITS_PRE.size,
+        preprocess={"crop_pct": DIGITS_PRE.crop_pct, "interpolation": DIGITS_PRE.interpolation},
+        calib=str(digits_dirs[0]),
+        parity_data=str(digits_dirs[1]),
+        parity_samples=64,
+        **kw,
+    )
+
+
+def test_max_drop_on_onnx_holds_out_labelled_images(digits_ckpt, digits_dirs, tmp_path):
+    recipe = _digits(digits_dirs, calib_samples=120, max_drop=0.02)
+    _, manifest = convert(load_checkpoint(digits_ckpt), recipe, tmp_path / "out")
+    control = manifest["int8"]["max_drop"]
+    assert control["images"] == 30 and manifest["calibration"]["images"] == 90  # every fourth held out
+    assert control["fp32_accuracy"] > 0.8
+    chosen = manifest["int8"]["chosen"]
+    assert chosen["passed"] and chosen["accuracy_drop"] <= 0.02
+
+
+def test_max_drop_needs_a_labelled_calibration_folder(digits_ckpt, tmp_path):
+    recipe = _recipe("onnx", max_drop=0.01)  # the embedded photos have no class folders
+    with pytest.raises(BadInput, match="--max-drop needs a labelled --calib folder"):
+        convert(load_checkpoint(digits_ckpt), recipe, tmp_path / "out")

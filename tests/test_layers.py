@@ -18,6 +18,7 @@ LAYERS = (
     ("api",),  # the Python API the package root re-exports; the CLI's commands call it
     ("release", "demo"),
     ("conversion", "gate", "bench", "inspection", "doctor", "engine"),
+    ("int8_search",),
     ("targets",),  # the registry, TARGETS
     (
         "targets.coreml",

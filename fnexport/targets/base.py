@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from fnexport.comparison import feature_reference, labels_for, reference
-from fnexport.data import DEFAULT_DATA, PARITY_SEED, ImageSet, load_images
+from fnexport.console import log
+from fnexport.data import DEFAULT_DATA, PARITY_SEED, ImageSet, load_images, resolve
 from fnexport.errors import BadInput
 from fnexport.model.checkpoint import Checkpoint
 from fnexport.model.fasternet import FasterNet
@@ -37,6 +38,26 @@ class Exported:
     # Set when the target wrote a usable intermediate but cannot finish on this machine (TensorRT without a
     # GPU): convert still writes the directory, then exits 3 with this message ("{dir}" = the output dir).
     unfinished: str | None = None
+
+
+@dataclass(frozen=True)
+class Int8Plan:
+    """One INT8 setting: the target's quantizer options and the layers (PyTorch module names) kept in float."""
+
+    options: tuple[tuple[str, Any], ...]  # keyword options of the target's quantizer, in a stable order
+    exclude: tuple[str, ...] = ()
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.options)
+
+    def describe(self) -> str:
+        """One short line: option values, and the float layers (the last one added named)."""
+        text = " ".join(str(v) for _, v in self.options)
+        return text + (f" +{len(self.exclude)} float ({self.exclude[-1]})" if self.exclude else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"options": self.kwargs, "float_layers": list(self.exclude)}
 
 
 class Target(Protocol):
@@ -83,6 +104,9 @@ class Source:
         self._calibration: ImageSet | None = None
         self._parity: ImageSet | None = None
         self._reference: np.ndarray | list[np.ndarray] | None = None
+        self._validation: ImageSet | None = None
+        # Set by the INT8 search for each candidate; None: the recipe's own setting (targets' int8_plans()[0]).
+        self.int8_plan: Int8Plan | None = None
 
     def __enter__(self) -> Source:
         return self
@@ -114,10 +138,46 @@ class Source:
         return self._calibration
 
     def calibration(self) -> ImageSet:
+        """The calibration images. When the INT8 search judges candidates, none of them is a parity image
+        (the search must not pick a setting for the images it is judged on), and with max_drop every fourth
+        labelled image is held out for the accuracy check (validation())."""
         if self._calibration is None:
             recipe = self.recipe
-            self._calibration = load_images(recipe.calib or DEFAULT_DATA, recipe.pre(), recipe.calib_samples)
+            calib = load_images(recipe.calib or DEFAULT_DATA, recipe.pre(), recipe.calib_samples)
+            if recipe.precision == "int8" and recipe.int8_search != "off":
+                calib = self._without_parity_images(calib)
+            if recipe.max_drop is not None and calib.labels is not None and len(calib.x) >= 8:
+                held = np.arange(len(calib.x)) % 4 == 3
+                self._validation = _subset(calib, held)
+                calib = _subset(calib, ~held)
+            self._calibration = calib
         return self._calibration
+
+    def validation(self) -> ImageSet | None:
+        """Labelled images held out of the calibration set for max_drop (None without max_drop or labels)."""
+        self.calibration()
+        return self._validation
+
+    def _without_parity_images(self, calib: ImageSet) -> ImageSet:
+        parity_source = self.recipe.parity_data or DEFAULT_DATA
+        if resolve(calib.source).resolve() != resolve(parity_source).resolve():
+            return calib
+        seen = set(self.parity_inputs().files)
+        keep = np.array([f not in seen for f in calib.files])
+        if keep.sum() < max(1, len(keep) // 4):
+            log.warning(
+                "%s: most calibration images are parity images too; the INT8 search is judged on images it "
+                "calibrated on (give --calib and --data different folders)",
+                calib.source,
+            )
+            return calib
+        return _subset(calib, keep)
+
+    def layer_names(self) -> list[str]:
+        """The Conv2d/Linear modules of the folded model: the names --int8-exclude takes, in forward order."""
+        return [
+            n for n, m in self.module("split_cat").named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+        ]
 
     def parity_inputs(self) -> ImageSet:
         if self._parity is None:
@@ -136,3 +196,14 @@ class Source:
         if self.ckpt.config.features:
             return None
         return labels_for(self.ckpt.labels, self.ckpt.config.num_classes, self.parity_inputs())
+
+
+def _subset(images: ImageSet, keep: np.ndarray) -> ImageSet:
+    return ImageSet(
+        x=np.ascontiguousarray(images.x[keep]),
+        labels=None if images.labels is None else images.labels[keep],
+        classes=images.classes,
+        files=[f for f, k in zip(images.files, keep, strict=True) if k],
+        skipped=images.skipped,
+        source=images.source,
+    )

@@ -150,3 +150,20 @@ def op_counts(path: Path) -> dict[str, int]:
     import onnx
 
     return dict(Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node).most_common())
+
+
+def layer_nodes(path: Path) -> dict[str, str]:
+    """PyTorch module name -> ONNX node name for every Conv/Gemm/MatMul whose weight is an initializer: the
+    exporter names initializers after the parameters ("head.weight"), and quantizers exclude nodes by name."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer}
+    return {
+        node.input[1].removesuffix(".weight"): node.name
+        for node in graph.node
+        if node.op_type in ("Conv", "Gemm", "MatMul")
+        and len(node.input) > 1
+        and node.input[1] in weights
+        and node.input[1].endswith(".weight")
+    }

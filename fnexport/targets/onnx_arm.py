@@ -10,8 +10,8 @@ from typing import Any, ClassVar
 
 from fnexport.console import require
 from fnexport.recipes import Recipe
-from fnexport.targets.base import Exported, Source
-from fnexport.targets.onnx import OrtRunner, quantize_int8
+from fnexport.targets.base import Exported, Int8Plan, Source
+from fnexport.targets.onnx import OrtRunner, int8_plans, quantize_plan
 
 CONFIG_NAME = "model.required_operators.config"
 
@@ -28,16 +28,16 @@ class OnnxArmTarget:
         if recipe.precision == "int8":
             # QDQ with signed 8-bit activations and weights (S8S8), per-channel weights, symmetric
             # activations: what ONNX Runtime recommends for ARM CPUs and XNNPACK.
-            calib = src.calibration()
-            details["quantization"] = quantize_int8(
-                onnx_path, src.workdir / "int8.onnx", calib.x, method=recipe.calib_method
-            ) | {"calibration_data": calib.source}
             onnx_path = src.workdir / "int8.onnx"
+            details["quantization"] = quantize_plan(src, onnx_path)
         details |= to_ort(onnx_path, src.workdir / "ort", out_dir)
         return Exported(out_dir / "model.ort", details)
 
     def runner(self, artifact: Path, manifest: dict, threads: int | None = None) -> OrtRunner:
         return OrtRunner(artifact, threads)
+
+    def int8_plans(self, recipe: Recipe, full: bool) -> list[Int8Plan]:
+        return int8_plans(recipe, full)  # the same quantizer as onnx; ARM's kernels judge it apart
 
 
 def to_ort(onnx_path: Path, workdir: Path, out_dir: Path) -> dict[str, Any]:

@@ -174,9 +174,9 @@ def test_max_drop_needs_labelled_calibration(digits_ckpt, digits_dirs):
 
 
 @pytest.mark.parametrize(
-    ("target", "precision"), [("openvino", "fp32"), ("openvino", "bf16"), ("onnx", "int8"), ("onnx", "fp32")]
+    ("target", "precision"), [("openvino", "fp32"), ("openvino", "bf16"), ("tensorrt", "int8"), ("onnx", "fp32")]
 )
-def test_max_drop_only_for_openvino_int8(target, precision):
+def test_max_drop_only_for_int8_on_searching_targets(target, precision):
     with pytest.raises(ValidationError, match="max_drop"):
         Recipe(target=target, precision=precision, max_drop=0.01)
     assert Recipe(target="openvino", precision="int8", calib="embedded:digits", max_drop=0.01).max_drop == 0.01
