@@ -244,8 +244,14 @@ class Artifact:
         except IMAGE_ERRORS as err:
             raise BadInput(f"{item}: not a readable image ({str(err).splitlines()[0][:80]})") from None
 
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        """The (height, width) the artifact's preprocessing makes (a backbone's may differ from each other)."""
+        size = self.pre.size
+        return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
     def _empty(self) -> np.ndarray:
-        return np.zeros((0, 3, self.pre.size, self.pre.size), np.float32)
+        return np.zeros((0, 3, *self.input_hw), np.float32)
 
     def predict(self, x: np.ndarray | ImageLike | Sequence[ImageLike]) -> np.ndarray | list[np.ndarray]:
         """Logits (N, classes) for a preprocessed NCHW float32 array, PIL images or image files; a backbone
@@ -259,9 +265,12 @@ class Artifact:
         )
 
     def _checked(self, x: np.ndarray) -> np.ndarray:
-        size = self.pre.size
-        if x.ndim != 4 or x.shape[1:] != (3, size, size):
-            raise BadInput(f"x: shape {list(x.shape)}; this artifact takes [N, 3, {size}, {size}] (NCHW, RGB)")
+        h, w = self.input_hw
+        # A backbone exported with a dynamic height and width takes any size its manifest allows.
+        any_hw = bool(self.manifest["input"].get("dynamic_hw"))
+        if x.ndim != 4 or x.shape[1] != 3 or not (any_hw or x.shape[2:] == (h, w)):
+            want = "H, W" if any_hw else f"{h}, {w}"
+            raise BadInput(f"x: shape {list(x.shape)}; this artifact takes [N, 3, {want}] (NCHW, RGB)")
         if not np.issubdtype(x.dtype, np.floating):
             raise BadInput(f"x: dtype {x.dtype}; give preprocessed float32 (see Artifact.preprocess)")
         return x
@@ -284,7 +293,8 @@ class Artifact:
     def _join(self, chunks: Iterable[list[np.ndarray]]) -> np.ndarray | list[np.ndarray]:
         parts = [c for c in chunks if c]
         if not parts:
-            empty = [np.zeros((0, *o.get("shape", [0, 0])[1:]), np.float32) for o in self.outputs]
+            shapes = [[d if isinstance(d, int) else 0 for d in o.get("shape", [0, 0])[1:]] for o in self.outputs]
+            empty = [np.zeros((0, *shape), np.float32) for shape in shapes]
             return empty[0] if self.is_classifier else empty
         joined = [np.concatenate(group) for group in zip(*parts, strict=True)]
         return joined[0] if len(joined) == 1 and self.is_classifier else joined
