@@ -245,8 +245,30 @@ def place_qdq(model: onnx.ModelProto) -> int:
         if k is not None and g.fake_quantized(n.input[k]):
             n.input[k] = g.source(n.input[k])
             restored += 1
+    _float_graph_outputs(model, g)
     _drop_dead_nodes(model.graph)
     return restored
+
+
+def _float_graph_outputs(model: onnx.ModelProto, g: _Graph) -> None:
+    """Give graph outputs their float values back.
+
+    ONNX Runtime quantizes a graph output that a quantized node also reads (a backbone's stage output feeding
+    the next merging conv) by renaming its producer's output and giving the DequantizeLinear the output's name,
+    so the caller would get the INT8-rounded tensor. The DequantizeLinear gets a name of its own and an Identity
+    of the float tensor becomes the output; read by no node, it also lets the FP16 converter cast it to FP32.
+    """
+    from onnx import helper
+
+    for out in sorted(o.name for o in model.graph.output):
+        if not g.fake_quantized(out):
+            continue
+        dq, src = g.dq(out), g.source(out)
+        dequantized = f"{out}_DequantizeLinear_Output"
+        for n in model.graph.node:
+            n.input[:] = [dequantized if i == out else i for i in n.input]
+        dq.output[0] = dequantized
+        model.graph.node.append(helper.make_node("Identity", [src], [out], name=f"{out}_float"))
 
 
 def fp16_safe_scales(model: onnx.ModelProto) -> int:

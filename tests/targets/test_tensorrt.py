@@ -266,6 +266,28 @@ def test_int8_keeps_requested_layers_float(digits_ckpt, digits_dirs, tmp_path):
     assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) == 56 - 1
 
 
+def test_int8_backbone_outputs_stay_float(digits_ckpt, digits_dirs, tmp_path):
+    """A stage output that the next merging conv quantizes is still handed out in float (ORT renames it into
+    the DequantizeLinear's output), and the FP16 converter can cast it to FP32."""
+    recipe = Recipe(
+        target="tensorrt", precision="int8", imgsz=DIGITS_PRE.size, calib=str(digits_dirs[0]), calib_samples=32
+    )
+    with Source(load_checkpoint(digits_ckpt, features=True), recipe) as src:
+        prepare_int8(src, recipe, src.onnx(), tmp_path / "model.onnx")
+    model = onnx.load(str(tmp_path / "model.onnx"))
+    assert verify_qdq(model) == []
+    producer = {o: n for n in model.graph.node for o in n.output}
+    outputs = [o.name for o in model.graph.output]
+    assert outputs == ["feat_s4", "feat_s8", "feat_s16", "feat_s32"]
+    for name in outputs:  # Cast(FP32) <- Identity <- the stage's last Add, never a DequantizeLinear
+        cast = producer[name]
+        assert cast.op_type == "Cast" and producer[cast.input[0]].op_type in ("Identity", "Add")
+        chain = producer[cast.input[0]]
+        assert (producer[chain.input[0]] if chain.op_type == "Identity" else chain).op_type == "Add"
+    # feat_s4..s16 also feed a merging conv, which reads them quantized
+    assert sum(n.op_type == "Identity" for n in model.graph.node) == 3
+
+
 def test_int8_below_opset_19_is_refused_before_any_work(digits_ckpt, digits_dirs, tmp_path):
     out = tmp_path / "o"
     code, stdout, stderr = cli(
