@@ -70,7 +70,7 @@ def convert_checkpoint(ckpt: Checkpoint, recipe: Recipe, out: Path | None = None
         with mf.atomic_dir(out) as tmp:
             reparam_err = check_reparam(src)
             searched = None
-            if int8_search.applies(target, recipe):
+            if int8_search.applies(src, target):
                 with step(f"Searching {target.name} int8 settings ({recipe.int8_search})"):
                     exported, searched = int8_search.search(src, target, recipe, tmp)
             else:

@@ -72,10 +72,13 @@ class Candidate:
         }
 
 
-def applies(target: Target, recipe: Recipe) -> bool:
-    """The search drives INT8 on targets that offer settings; OpenVINO's max_drop is NNCF's own loop."""
+def applies(src: Source, target: Target) -> bool:
+    """The search drives a classifier's INT8 on targets that offer settings; OpenVINO's max_drop is NNCF's own
+    loop. Backbones (feature maps, judged per output) are quantized once with the recipe's settings."""
+    recipe = src.recipe
     return (
-        recipe.precision == "int8"
+        not src.ckpt.config.features
+        and recipe.precision == "int8"
         and recipe.int8_search != "off"
         and hasattr(target, "int8_plans")
         and not (target.name == "openvino" and recipe.max_drop is not None)
