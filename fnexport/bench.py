@@ -20,7 +20,7 @@ import fnexport.manifest as mf
 from fnexport.console import log, require, step
 from fnexport.errors import BackendUnavailable, BadInput, what_is
 from fnexport.model.checkpoint import Checkpoint, load_checkpoint
-from fnexport.model.fasternet import PCONV_FORMS, FasterNet, FasterNetConfig, Partial_conv3, count
+from fnexport.model.fasternet import PCONV_FORMS, FasterNet, FasterNetConfig, Partial_conv3, count, hw
 from fnexport.model.reparam import reparameterize
 from fnexport.recipes import MAX_BATCH, MAX_IMGSZ
 from fnexport.targets import get_target
@@ -50,7 +50,7 @@ class Group:
 
     label: str
     model: FasterNet
-    imgsz: int
+    imgsz: int | tuple[int, int]  # (height, width) for a non-square backbone
     macs: int
     sha256: str | None = None
     accuracy: float | None = None
@@ -204,7 +204,11 @@ class Plan:
     skipped: list[dict[str, Any]] = field(default_factory=list)
     runners: list[Any] = field(default_factory=list)
 
-    def group_for(self, cfg: FasterNetConfig, imgsz: int, label: str, ckpt: Checkpoint | None = None) -> Group:
+    def group_for(
+        self, cfg: FasterNetConfig, imgsz: int | tuple[int, int], label: str, ckpt: Checkpoint | None = None
+    ) -> Group:
+        h, w = hw(imgsz)
+        imgsz = h if h == w else (h, w)
         key = (json.dumps(cfg.to_dict(), sort_keys=True), imgsz)
         if key not in self.groups:
             # Speed does not depend on the weights, so an artifact alone is compared with its architecture.
@@ -216,7 +220,9 @@ class Plan:
         """An artifact directory beside the PyTorch model of its architecture and size."""
         manifest = mf.read(path)
         cfg = FasterNetConfig(**{k: v for k, v in manifest["model"].items() if k not in ("params", "macs", "variant")})
-        group = self.group_for(cfg, manifest["recipe"]["imgsz"], cfg.variant)
+        # A backbone is timed at its exported size (a --dynamic-hw one would take any).
+        size = manifest["input"]["size"] if manifest.get("kind") == "backbone" else manifest["recipe"]["imgsz"]
+        group = self.group_for(cfg, size, cfg.variant)
         parity = manifest.get("parity", {})
         if (
             group.accuracy is None
@@ -291,8 +297,8 @@ def pytorch_configs(group: Group, batches: tuple[int, ...]) -> list[Config]:
     return configs
 
 
-def random_batch(imgsz: int, batch: int) -> np.ndarray:
-    return np.random.default_rng(0).standard_normal((batch, 3, imgsz, imgsz), dtype=np.float32)
+def random_batch(imgsz: int | tuple[int, int], batch: int) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((batch, 3, *hw(imgsz)), dtype=np.float32)
 
 
 def gemm_configs() -> list[Config]:

@@ -342,45 +342,77 @@ def check_features(runner, x: np.ndarray, ref: list[np.ndarray], tol: Tolerance,
 
 def compare_features(ref: list[np.ndarray], out: list[np.ndarray], tol: Tolerance, names: list[str]) -> FeatureReport:
     """Per-output error statistics of `out` against `ref` and the failures against `tol`."""
-    report = FeatureReport(len(ref[0]), [], tol.model_dump())
-    if len(out) != len(ref):
-        report.failures.append(f"{len(out)} outputs, the reference has {len(ref)} ({', '.join(names)})")
+    stats = FeatureStats(names)
+    stats.add(ref, out)
+    return stats.report(tol)
+
+
+class FeatureStats:
+    """A FeatureReport's figures accumulated batch by batch, per output: exact maxima and minima (max abs, the
+    reference's largest magnitude, worst per-image cosine) and a float64 sum for the mean error."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.n = 0
+        self.problem: str | None = None  # a wrong output count or shape: reported instead of figures
+        self.shapes: list[list[int]] = [[] for _ in names]
+        self.max_abs = [0.0] * len(names)
+        self.ref_max = [0.0] * len(names)
+        self.cosine = [float("inf")] * len(names)
+        self.sum_abs = [0.0] * len(names)
+        self.values = [0] * len(names)
+        self.finite = [True] * len(names)
+
+    def add(self, ref: list[np.ndarray], out: list[np.ndarray]) -> None:
+        self.n += len(ref[0])
+        if self.problem is not None:
+            return
+        if len(out) != len(ref):
+            self.problem = f"{len(out)} outputs, the reference has {len(ref)} ({', '.join(self.names)})"
+            return
+        for i, (r, o) in enumerate(zip(ref, out, strict=True)):
+            if o.shape != r.shape:
+                self.problem = f"{self.names[i]}: shape {list(o.shape)} != reference {list(r.shape)}"
+                return
+            diff = np.abs(o.astype(np.float64) - r)
+            a, b = o.reshape(len(o), -1).astype(np.float64), r.reshape(len(r), -1).astype(np.float64)
+            cos = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+            self.shapes[i] = list(o.shape[1:])
+            self.max_abs[i] = float(np.maximum(self.max_abs[i], diff.max()))  # np.maximum keeps a NaN
+            self.ref_max[i] = max(self.ref_max[i], float(np.abs(r).max()))
+            self.cosine[i] = float(np.minimum(self.cosine[i], cos.min()))
+            self.sum_abs[i] += float(diff.sum())
+            self.values[i] += diff.size
+            self.finite[i] = self.finite[i] and bool(np.isfinite(o).all())
+
+    def report(self, tol: Tolerance) -> FeatureReport:
+        report = FeatureReport(self.n, [], tol.model_dump())
+        if self.problem is not None:
+            report.failures.append(self.problem)
+            return report
+        for i, name in enumerate(self.names):
+            max_abs, scale = self.max_abs[i], self.ref_max[i]
+            result = OutputParity(
+                name,
+                [self.n, *self.shapes[i]],
+                max_abs,
+                max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf")),
+                self.sum_abs[i] / max(self.values[i], 1),
+                self.cosine[i],
+            )
+            if not self.finite[i]:
+                result.failures.append("non-finite outputs")
+            if tol.atol is not None and not max_abs <= tol.atol:
+                result.failures.append(f"max abs error {max_abs:.3g} > atol {tol.atol:g}")
+            if tol.max_rel is not None and not result.max_rel <= tol.max_rel:
+                result.failures.append(
+                    f"max abs error {max_abs:.3g} is {result.max_rel:.3g} of the output's range > {tol.max_rel:g}"
+                )
+            if tol.min_cosine is not None and not result.cosine >= tol.min_cosine:
+                result.failures.append(f"worst cosine {result.cosine:.6f} < {tol.min_cosine:g}")
+            report.outputs.append(result)
+            report.failures += [f"{name}: {f}" for f in result.failures]
         return report
-    for name, r, o in zip(names, ref, out, strict=True):
-        if o.shape != r.shape:
-            report.outputs.append(OutputParity(name, list(o.shape), *([float("nan")] * 4)))
-            report.outputs[-1].failures.append(f"shape {list(o.shape)} != reference {list(r.shape)}")
-        else:
-            report.outputs.append(output_parity(name, r, o, tol))
-        report.failures += [f"{name}: {f}" for f in report.outputs[-1].failures]
-    return report
-
-
-def output_parity(name: str, ref: np.ndarray, out: np.ndarray, tol: Tolerance) -> OutputParity:
-    diff = np.abs(out.astype(np.float64) - ref)
-    max_abs = float(diff.max())
-    scale = float(np.abs(ref).max())
-    a, b = out.reshape(len(out), -1).astype(np.float64), ref.reshape(len(ref), -1).astype(np.float64)
-    cos = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
-    result = OutputParity(
-        name,
-        list(out.shape),
-        max_abs,
-        max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf")),
-        float(diff.mean()),
-        float(cos.min()),
-    )
-    if not np.isfinite(out).all():
-        result.failures.append("non-finite outputs")
-    if tol.atol is not None and not max_abs <= tol.atol:
-        result.failures.append(f"max abs error {max_abs:.3g} > atol {tol.atol:g}")
-    if tol.max_rel is not None and not result.max_rel <= tol.max_rel:
-        result.failures.append(
-            f"max abs error {max_abs:.3g} is {result.max_rel:.3g} of the output's range > {tol.max_rel:g}"
-        )
-    if tol.min_cosine is not None and not result.cosine >= tol.min_cosine:
-        result.failures.append(f"worst cosine {result.cosine:.6f} < {tol.min_cosine:g}")
-    return result
 
 
 # A layer "diverges" when its output differs from PyTorch's by more than this fraction of its range.

@@ -12,11 +12,23 @@ from pathlib import Path
 import numpy as np
 
 import fnexport.manifest as mf
-from fnexport.comparison import ParityReport, ParityStats, label_map, localize, reference, run, tolerance_for
+from fnexport.comparison import (
+    FeatureReport,
+    FeatureStats,
+    ParityReport,
+    ParityStats,
+    feature_reference,
+    label_map,
+    localize,
+    reference,
+    run,
+    run_features,
+    tolerance_for,
+)
 from fnexport.console import log, progress, step
 from fnexport.data import DEFAULT_DATA, PARITY_SEED, ImageStream, Preprocess, open_images
 from fnexport.errors import BackendUnavailable, BadInput, CheckFailed, what_is
-from fnexport.model.checkpoint import Checkpoint
+from fnexport.model.checkpoint import Checkpoint, as_features
 from fnexport.recipes import Tolerance
 from fnexport.targets import get_target
 
@@ -29,13 +41,13 @@ class ArtifactResult:
     target: str
     precision: str
     status: str
-    report: ParityReport | None = None
+    report: ParityReport | FeatureReport | None = None  # FeatureReport: a backbone, judged output by output
     reason: str = ""
     localized: dict | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["report"] = self.report.to_dict() if self.report else None
+        d["report"] = self.report.to_dict() if self.report is not None else None  # a failed report is falsy
         return d
 
 
@@ -75,7 +87,7 @@ class _Live:
     manifest: dict
     tol: Tolerance
     runner: object
-    stats: ParityStats = dataclasses.field(default_factory=ParityStats)
+    stats: ParityStats | FeatureStats = dataclasses.field(default_factory=ParityStats)
     seconds: float = 0.0
 
 
@@ -91,15 +103,22 @@ def check_group(
     judge each by its recipe's thresholds (then `override`), localize failures on the first batch."""
     results: dict[Path, ArtifactResult] = {}
     live: list[_Live] = []
+    # A group shares its preprocessing, and backbones (letterbox, stretch, none) never share a classifier's crop.
+    backbone = group[0][1].get("kind") == "backbone"
+    ckpt = model_for(ckpt, group[0][0], backbone)
+    names = [o["name"] for o in ckpt.config.outputs()] if backbone else []
     for d, manifest in group:
         target = get_target(manifest["target"])
         precision = manifest["precision"]
-        tol = tolerance_for(precision, Tolerance(**manifest.get("recipe", {}).get("tolerance", {})), override)
+        recipe_tol = Tolerance(**manifest.get("recipe", {}).get("tolerance", {}))
+        tol = tolerance_for(precision, recipe_tol, override, backbone=backbone)
         try:
-            live.append(_Live(d, manifest, tol, target.runner(d / manifest["artifact"], manifest, threads)))
+            runner = target.runner(d / manifest["artifact"], manifest, threads)
         except BackendUnavailable as err:
             results[d] = ArtifactResult(str(d), target.name, precision, "NOT RUN", reason=str(err))
-    to_model = label_map(ckpt.labels, ckpt.config.num_classes, stream.classes, stream.source)
+            continue
+        live.append(_Live(d, manifest, tol, runner, FeatureStats(names) if backbone else ParityStats()))
+    to_model = None if backbone else label_map(ckpt.labels, ckpt.config.num_classes, stream.classes, stream.source)
     first = None  # the first batch, kept for --localize
     try:
         if live:
@@ -109,13 +128,16 @@ def check_group(
                 skipped = 0
                 for x, y, _ in stream.batches(size):
                     first = x if first is None and localize_failures else first
-                    ref = reference(ckpt.model, x)
+                    ref = (feature_reference if backbone else reference)(ckpt.model, x)
                     labels = None if to_model is None or y is None else to_model[y]
                     for a in live:
                         start = time.perf_counter()
-                        out = run(a.runner, x)
+                        out = (run_features if backbone else run)(a.runner, x)
                         a.seconds += time.perf_counter() - start
-                        a.stats.add(ref, out, labels)
+                        if backbone:
+                            a.stats.add(ref, out)
+                        else:
+                            a.stats.add(ref, out, labels)
                     advance(len(x) + len(stream.skipped) - skipped)
                     skipped = len(stream.skipped)
     finally:
@@ -124,6 +146,17 @@ def check_group(
     for a in live:
         results[a.dir] = judge(ckpt, a, first, localize_failures)
     return [results[d] for d, _ in group]
+
+
+def model_for(ckpt: Checkpoint, d: Path, backbone: bool) -> Checkpoint:
+    """The checkpoint as the artifacts were made from it: a backbone artifact made with --features is compared
+    with the classifier's stages; a classifier artifact cannot be compared with a backbone checkpoint."""
+    if backbone and not ckpt.config.features:
+        log.info("%s is a backbone: comparing with the four stage outputs of %s (as --features did)", d, ckpt.path)
+        return as_features(ckpt)
+    if not backbone and ckpt.config.features:
+        raise BadInput(f"{d}: a classifier artifact, but {ckpt.path} is a backbone checkpoint (no head to compare)")
+    return ckpt
 
 
 BATCH = 32  # images per streamed batch (more when an artifact's fixed batch is larger)
@@ -194,6 +227,9 @@ def tabulate_parity(results: list[ArtifactResult], data: str) -> str:
     ]
     for r in results:
         p = r.report
+        if isinstance(p, FeatureReport):  # a backbone: one row per output, classifier-only figures omitted
+            lines += feature_rows(r, p)
+            continue
         if p is None:
             cells = ["-"] * 9
         else:
@@ -215,6 +251,23 @@ def tabulate_parity(results: list[ArtifactResult], data: str) -> str:
             reason += f"; first divergent layer: {first['module']} (rel error {first['rel_error']:.2e})"
         lines.append(f"| {r.dir} | {r.target} | {r.precision} | {r.status} | " + " | ".join(cells) + f" | {reason} |")
     return "\n".join(lines) + "\n"
+
+
+def feature_rows(r: ArtifactResult, p: FeatureReport) -> list[str]:
+    """A backbone artifact's table rows: its overall verdict, then each output's figures and verdict."""
+    rows = [f"| {r.dir} | {r.target} | {r.precision} | {r.status} | {p.n} |" + " - |" * 8 + f" {r.reason} |"]
+    for o in p.outputs:
+        cells = [f"{o.max_abs:.2e}", f"{o.mean_abs:.2e}", f"{o.max_rel:.2e}", "-", f"{o.cosine:.6f}", "-", "-", "-"]
+        status = "PASS" if o.passed else "FAIL"
+        rows.append(
+            f"| {r.dir} {o.name} | {r.target} | {r.precision} | {status} | {p.n} | "
+            + " | ".join(cells)
+            + f" | {'; '.join(o.failures)} |"
+        )
+    if r.localized and r.localized.get("first_divergent"):
+        first = r.localized["first_divergent"]
+        rows[0] = rows[0][:-2] + f"; first divergent layer: {first['module']} (rel error {first['rel_error']:.2e}) |"
+    return rows
 
 
 REPORT_SUFFIXES = (".json", ".md")

@@ -77,12 +77,21 @@ def test_mmdet_checkpoint_to_one_dynamic_onnx(onnx_dir, fork_feat_sd):
     assert "top1" not in parity and "accuracy" not in parity  # classifier-only figures omitted
 
 
-def test_official_fork_feat_to_one_dynamic_openvino_ir(backbone_files, fork_feat_sd, tmp_path):
-    ov = pytest.importorskip("openvino")
-    code, manifest, stderr = _convert(backbone_files["plain"], tmp_path / "ov", "--target", "openvino")
+@pytest.fixture(scope="module")
+def ov_dir(backbone_files, tmp_path_factory):
+    pytest.importorskip("openvino")
+    out = tmp_path_factory.mktemp("bb") / "ov"
+    code, manifest, stderr = _convert(backbone_files["plain"], out, "--target", "openvino")
     assert code == 0, stderr
+    return out, manifest
+
+
+def test_official_fork_feat_to_one_dynamic_openvino_ir(ov_dir, fork_feat_sd):
+    import openvino as ov
+
+    out, manifest = ov_dir
     core = ov.Core()
-    model = core.read_model(str(tmp_path / "ov" / "openvino_model" / "model.xml"))
+    model = core.read_model(str(out / "openvino_model" / "model.xml"))
     assert [o.get_any_name() for o in model.outputs] == NAMES
     compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     _assert_matches(lambda x: [compiled(x)[i] for i in range(4)], fork_feat_sd)
@@ -145,3 +154,70 @@ def test_inspect_cli_kind(backbone_files):
     assert code == 0 and info["kind"] == "backbone" and len(info["outputs"]) == 4
     code, stdout, _ = cli("inspect", str(backbone_files["mmdet"]), "--imgsz", "64,96")
     assert "fasternet_t0 backbone" in stdout and "output feat_s32: 320 channels, stride 32" in stdout
+
+
+def test_bench_times_a_backbone_at_its_exported_size(onnx_dir):
+    out, manifest = onnx_dir
+    code, stdout, stderr = cli("bench", str(out), "--batch", "1", "--iters", "2", "--warmup", "1", "--json")
+    assert code == 0, stderr
+    rows = json.loads(stdout)["rows"]
+    artifact = next(r for r in rows if r["kind"] == "artifact")
+    assert artifact["imgsz"] == [64, 96] and artifact["macs"] == manifest["model"]["macs"]
+    assert artifact["latency_ms_p50"] > 0 and artifact["throughput_ips"] > 0 and artifact["gflops"] > 0
+    assert any(r["kind"] == "eager" and r["imgsz"] == [64, 96] for r in rows)  # the PyTorch baseline, same size
+
+
+def _perturb(src, dst, rehash: bool) -> None:
+    """A copy of an ONNX artifact with one conv's weights scaled 1.5x (and its manifest re-hashed, or not)."""
+    import shutil
+
+    from onnx import numpy_helper
+
+    from fnexport.manifest import sha256_artifact
+
+    shutil.copytree(src, dst)
+    model = onnx.load(str(dst / "model.onnx"))
+    init = next(i for i in model.graph.initializer if i.name == "stages.4.blocks.3.mlp.0.weight")
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.5, init.name))
+    onnx.save(model, str(dst / "model.onnx"))
+    if rehash:
+        manifest = json.loads((dst / "manifest.json").read_text())
+        manifest["sha256"] = sha256_artifact(dst / "model.onnx")
+        (dst / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_parity_passes_per_output_and_fails_a_perturbed_copy(backbone_files, onnx_dir, ov_dir, tmp_path):
+    report = tmp_path / "r.json"
+    args = ["--samples", "8", "--report", str(report), "--report", str(tmp_path / "r.md")]
+    # The plain fork_feat file holds the same weights as the mmdetection one the ONNX was made from.
+    code, _, stderr = cli("parity", str(backbone_files["plain"]), str(onnx_dir[0]), str(ov_dir[0]), *args)
+    assert code == 0, stderr
+    results = json.loads(report.read_text())
+    for r in results:
+        assert r["status"] == "PASS" and r["report"]["kind"] == "backbone"
+        assert [o["name"] for o in r["report"]["outputs"]] == NAMES
+        assert all(o["passed"] and o["max_rel"] < 1e-5 and o["shape"][0] == 8 for o in r["report"]["outputs"])
+        assert "top1" not in r["report"] and "accuracy" not in r["report"]
+    table = (tmp_path / "r.md").read_text()
+    assert all(f"{onnx_dir[0]} {name} | onnx | fp32 | PASS" in table for name in NAMES)
+
+    _perturb(onnx_dir[0], tmp_path / "drift", rehash=True)
+    code, _, stderr = cli("parity", str(backbone_files["mmdet"]), str(tmp_path / "drift"), "--localize", *args)
+    assert code == 1 and "parity gate failed" in stderr
+    result = json.loads(report.read_text())[0]
+    assert result["status"] == "FAIL"
+    failed = [o["name"] for o in result["report"]["outputs"] if not o["passed"]]
+    assert failed == ["feat_s16", "feat_s32"]  # stage 4 and what follows it; the earlier maps still match
+    assert result["localized"]["first_divergent"]["module"] == "stages.4.blocks.3.mlp.0"
+
+    _perturb(onnx_dir[0], tmp_path / "tampered", rehash=False)
+    code, _, stderr = cli("parity", str(backbone_files["mmdet"]), str(tmp_path / "tampered"))
+    assert code == 1 and "sha256" in stderr
+
+
+def test_parity_of_a_features_artifact_uses_the_classifier_stages(layouts, tmp_path):
+    out = tmp_path / "f"
+    code, _, stderr = cli("convert", str(layouts["official"]), "--features", "--imgsz", "64", "--out", str(out))
+    assert code == 0, stderr
+    code, _, stderr = cli("parity", str(layouts["official"]), str(out), "--samples", "4")
+    assert code == 0, stderr
