@@ -31,6 +31,9 @@ def build_engine_dir(folder: Path, opts: EngineOptions) -> dict:
     if manifest.get("target") != "tensorrt":
         raise BadInput(f"{folder}: made for --target {manifest.get('target')}, not tensorrt")
     details = manifest["details"]
+    if manifest.get("kind") == "backbone":
+        trtexec = details.get("trtexec", "").replace("{dir}", str(folder))
+        raise BadInput(f"{folder}: a backbone; build-engine handles classifiers only so far. Build it with `{trtexec}`")
     prepared = folder / PREPARED
     if not prepared.is_file() or mf.sha256_artifact(prepared) != details["prepared"]["sha256"]:
         raise CheckFailed(f"{prepared}: missing or changed since convert wrote it; re-run fnexport convert")

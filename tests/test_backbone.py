@@ -105,7 +105,10 @@ def test_tensorrt_ready_onnx_has_an_hw_profile(backbone_files, fork_feat_sd, tmp
     assert "--minShapes=input:1x3x64x64 --optShapes=input:16x3x96x96 --maxShapes=input:64x3x256x256" in stderr
     assert manifest["details"]["prepared_check"]["passed"]
     assert manifest["details"]["profile_hw"] == {"height": [64, 96, 256], "width": [64, 96, 256]}
+    assert "classifiers only" in stderr and "fnexport build-engine" not in stderr
     _assert_matches(_ort(out / "model.onnx"), fork_feat_sd)
+    code, _, stderr = cli("build-engine", str(out))
+    assert code == 2 and "classifiers only" in stderr and f"--onnx={out}/model.onnx" in stderr
 
 
 def test_classifier_exported_as_backbone_with_features(layouts, t0_model, tmp_path):

@@ -462,13 +462,20 @@ def trtexec_args(onnx: str, engine: str, shape: list, precision: str, opts: Engi
     return args
 
 
-def handoff(reason: str, shape: list, precision: str, opts: EngineOptions) -> str:
+def handoff(reason: str, shape: list, precision: str, opts: EngineOptions, backbone: bool = False) -> str:
     """The one line convert ends with when no engine can be built here; {dir} is the output directory."""
     trtexec = " ".join(["trtexec", *trtexec_args(f"{{dir}}/{PREPARED}", f"{{dir}}/{ENGINE}", shape, precision, opts)])
+    if backbone:
+        return f"prepared TensorRT ONNX ready in {{dir}}/{PREPARED} but no engine was built ({reason}); `{trtexec}`"
     return (
         f"prepared TensorRT ONNX ready in {{dir}}/{PREPARED} but no engine was built ({reason}); on the GPU host run "
         f"`fnexport build-engine {{dir}}` (builds, checks parity, updates the manifest) or `{trtexec}`"
     )
+
+
+# Engine building and running (TensorRtRunner, build-engine) read one output: a backbone's engine is built with the
+# trtexec line, from the prepared ONNX whose parity convert checked (every output) on ONNX Runtime.
+BACKBONE_ENGINE = "fnexport builds and checks engines of classifiers only so far; on the GPU host run"
 
 
 class TensorRtTarget:
@@ -495,8 +502,12 @@ class TensorRtTarget:
         if opts.profile_hw is not None:
             details["profile_hw"] = {"height": list(opts.profile_hw[0]), "width": list(opts.profile_hw[1])}
         reason = engine_unavailable()
+        backbone = src.ckpt.config.features
+        if backbone:
+            details["trtexec"] = handoff("", shape, recipe.precision, opts, backbone).split("`")[1]
+            reason = f"{reason}; {BACKBONE_ENGINE}" if reason else BACKBONE_ENGINE
         if reason is not None:
-            return Exported(prepared, details, unfinished=handoff(reason, shape, recipe.precision, opts))
+            return Exported(prepared, details, unfinished=handoff(reason, shape, recipe.precision, opts, backbone))
         details["engine"] = build_engine(prepared, out_dir / ENGINE, shape, recipe.precision, opts)
         return Exported(out_dir / ENGINE, details)
 
