@@ -512,6 +512,11 @@ class TensorRtTarget:
         return Exported(out_dir / ENGINE, details)
 
     def runner(self, artifact: Path, manifest: dict, threads: int | None = None) -> TensorRtRunner:
+        if artifact.suffix != ".engine" and manifest.get("kind") == "backbone":
+            raise BackendUnavailable(
+                f"no TensorRT engine beside {artifact.name} (its ONNX was checked, every output, on ONNX Runtime at "
+                "convert time, see details.prepared_check): build it on the GPU host with details.trtexec"
+            )
         if artifact.suffix != ".engine":
             raise BackendUnavailable(
                 f"no TensorRT engine beside {artifact.name} yet (the prepared ONNX was checked on ONNX Runtime at convert "
