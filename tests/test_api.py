@@ -322,3 +322,22 @@ def test_val_top5_is_null_with_five_classes_or_fewer(digits_dirs, tmp_path):
     assert rc == 0, stderr
     result = json.loads(stdout)
     assert result["n"] == 9 and result["top5"] is None and "n/a" not in stdout
+
+
+def test_backbone_predict_reports_each_output(t0_model, digits_dirs, tmp_path):
+    from tests.test_cli import cli
+
+    out = fnexport.convert(t0_model, out=tmp_path / "bb", features=True, imgsz=(64, 96))
+    image = next((digits_dirs[1] / "7").iterdir())
+    with fnexport.load(out) as art:
+        assert not art.is_classifier and art.input_hw == (64, 96)
+        feats = art.predict([image])
+    assert [f.shape for f in feats] == [(1, 40, 16, 24), (1, 80, 8, 12), (1, 160, 4, 6), (1, 320, 2, 3)]
+    rc, stdout, stderr = cli("predict", str(out), str(image), "--json")
+    assert rc == 0, stderr
+    (pred,) = json.loads(stdout)["predictions"]
+    assert [o["name"] for o in pred["outputs"]] == ["feat_s4", "feat_s8", "feat_s16", "feat_s32"]
+    for o, f in zip(pred["outputs"], feats, strict=True):
+        assert o["shape"] == list(f.shape[1:]) and abs(o["mean"] - f.mean()) < 1e-6 and abs(o["max"] - f.max()) < 1e-6
+    rc, _, stderr = cli("val", str(out), "--data", str(digits_dirs[1]))
+    assert rc == 2 and "backbone" in stderr
