@@ -12,6 +12,7 @@ from fnexport.errors import BadInput, CheckFailed
 from fnexport.gate import gate
 from fnexport.model.checkpoint import load_checkpoint
 from fnexport.recipes import Recipe, Tolerance
+from fnexport.targets.openvino import HEAD_AND_STEM
 from tests.test_cli import cli
 
 
@@ -28,9 +29,7 @@ def test_search_off_keeps_todays_failure(hard_ckpt, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-# openvino is not here: on this fixture at 64 its quick search ran out of budget on the shared 2-core machine
-# (NNCF candidates took 30-40 s each there); see the README's INT8 section.
-@pytest.mark.parametrize("target", ["onnx", "onnx-arm"])
+@pytest.mark.parametrize("target", ["onnx", "onnx-arm", "openvino"])
 def test_search_finds_a_passing_artifact(hard_ckpt, target, tmp_path):
     ckpt = load_checkpoint(hard_ckpt)
     out, manifest = convert(ckpt, _recipe(target), tmp_path / target)
@@ -42,6 +41,9 @@ def test_search_finds_a_passing_artifact(hard_ckpt, target, tmp_path):
     assert [c["passed"] for c in search["candidates"]].count(True) == 1  # quick stops at the first pass
     assert all(c["seconds"] > 0 and "cosine" in c for c in search["candidates"])
     assert search["float_layers"] == search["chosen"]["float_layers"]
+    if target == "openvino":  # NNCF's default fails; MIXED with histogram ranges and head + stem in float passes
+        assert search["chosen"]["options"] == {"preset": "mixed", "bias_correction": "fast", "range": "histogram"}
+        assert search["float_layers"] == list(HEAD_AND_STEM) == manifest["details"]["float_layers"]
     if target != "onnx-arm":  # an ARM artifact is not timed on the x86 that converts it
         assert search["speed"]["fp32_ms"] > 0 and search["speed"]["int8_ms"] > 0
     # `fnexport parity` on its own (larger) image sample passes the artifact again.
@@ -52,7 +54,7 @@ def test_search_finds_a_passing_artifact(hard_ckpt, target, tmp_path):
 def test_search_out_of_budget_names_the_best_candidate(hard_ckpt, tmp_path, monkeypatch):
     """OpenVINO's default setting fails on the fixture; with no budget left after it, exit 1 with its figures."""
     monkeypatch.setitem(int8_search.BUDGET_S, "quick", 0.001)  # the first candidate always runs
-    with pytest.raises(CheckFailed, match=r"none of 1 INT8 candidates .* best: performance fast: cos 0\.9"):
+    with pytest.raises(CheckFailed, match=r"none of 1 INT8 candidates .* best: performance fast minmax: cos 0\.9"):
         convert(load_checkpoint(hard_ckpt), _recipe("openvino"), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
