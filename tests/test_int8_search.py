@@ -12,7 +12,7 @@ from fnexport.errors import BadInput, CheckFailed
 from fnexport.gate import gate
 from fnexport.model.checkpoint import load_checkpoint
 from fnexport.recipes import Recipe, Tolerance
-from fnexport.targets.openvino import HEAD_AND_STEM
+from fnexport.targets.openvino import HEAD_AND_STEM, int8_plans
 from tests.test_cli import cli
 
 
@@ -113,3 +113,28 @@ def test_max_drop_needs_a_labelled_calibration_folder(digits_ckpt, tmp_path):
     recipe = _recipe("onnx", max_drop=0.01)  # the embedded photos have no class folders
     with pytest.raises(BadInput, match="--max-drop needs a labelled --calib folder"):
         convert(load_checkpoint(digits_ckpt), recipe, tmp_path / "out")
+
+
+def test_openvino_order_and_by_hand_exclusions():
+    """quick: the default first, then MIXED with histogram ranges, then head and stem float on top of
+    --int8-exclude; a candidate identical to an earlier one is not repeated."""
+
+    def order(recipe, full):
+        return [
+            (p.kwargs["preset"], p.kwargs["range"], p.kwargs["bias_correction"], p.exclude)
+            for p in int8_plans(recipe, full)
+        ]
+
+    quick = order(_recipe("openvino"), False)
+    assert quick == [
+        ("performance", "minmax", "fast", ()),
+        ("mixed", "histogram", "fast", ()),
+        ("mixed", "histogram", "fast", HEAD_AND_STEM),
+    ]
+    full = order(_recipe("openvino"), True)
+    assert len(full) == 10 and full[:2] == quick[:2] and full[4] == quick[2]
+    assert {c[2] for c in full[5:]} == {"full"}
+    mine = order(_recipe("openvino", int8_exclude=("stages.1.reduction", "head")), False)
+    assert mine[2][3] == ("stages.1.reduction", "head", "patch_embed.proj", "avgpool_pre_head.1")
+    every = order(_recipe("openvino", int8_exclude=HEAD_AND_STEM), False)
+    assert len(every) == 2 and all(c[3] == HEAD_AND_STEM for c in every)
