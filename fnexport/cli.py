@@ -184,7 +184,7 @@ def convert_command(
     max_drop: Annotated[
         float | None,
         typer.Option(
-            help="int8 (onnx, onnx-arm, openvino): max top-1 accuracy drop (0.01 = 1 point), labelled --calib."
+            help="int8 (onnx, onnx-arm, openvino, tensorrt): max top-1 drop (0.01 = 1 point), labelled --calib."
         ),
     ] = None,
     input_: Annotated[

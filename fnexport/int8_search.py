@@ -145,10 +145,11 @@ def search(src: Source, target: Target, recipe: Recipe, out_dir: Path) -> tuple[
         base = max(tried, key=Candidate.rank)
         ranking = sensitivity(src)
         exclude = list(base.plan.exclude)
+        anyway = target.float_anyway(src) if hasattr(target, "float_anyway") else set()
         for row in ranking:
             if over_budget():
                 break
-            if row["module"] in exclude:
+            if row["module"] in exclude or row["module"] in anyway:
                 continue
             exclude.append(row["module"])
             if attempt(dataclasses.replace(base.plan, exclude=tuple(exclude))).passed:
@@ -178,7 +179,10 @@ def search(src: Source, target: Target, recipe: Recipe, out_dir: Path) -> tuple[
     chosen = min(passing, key=lambda c: c.latency_ms or 0.0)  # fastest among those that pass
     record["chosen"] = chosen.to_dict()
     record["float_layers"] = list(chosen.plan.exclude)
-    return move(chosen.exported, out_dir), record
+    exported = move(chosen.exported, out_dir)
+    if hasattr(target, "write_prepared"):  # TensorRT: the chosen prepared ONNX's own check, then engine or hand-off
+        exported = target.finish(src, exported, recipe)
+    return exported, record
 
 
 def with_margin(tol: Tolerance) -> Tolerance:
@@ -210,11 +214,14 @@ def evaluate(
     folder = src.workdir / f"int8-candidate-{index}"
     folder.mkdir()
     src.int8_plan = plan
+    staged = hasattr(target, "write_prepared")  # TensorRT: candidates are prepared ONNX files, judged on ORT CPU
     try:
-        exported = target.export(src, folder, recipe)
+        exported = target.write_prepared(src, folder, recipe) if staged else target.export(src, folder, recipe)
     finally:
         src.int8_plan = None
-    runner = target.runner(exported.path, {"details": exported.details})
+    runner = (
+        target.candidate_runner(exported) if staged else target.runner(exported.path, {"details": exported.details})
+    )
     drop = None
     if validation is not None:
         drop = fp32_accuracy - float(np.mean(run(runner, validation[0]).argmax(1) == validation[1]))

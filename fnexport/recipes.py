@@ -37,7 +37,7 @@ MIN_OPSET, MAX_OPSET = 18, 23
 
 
 # Targets whose INT8 the search (fnexport/int8_search.py) drives: they take calibration options and float layers.
-INT8_SEARCH_TARGETS = ("onnx", "onnx-arm", "openvino")
+INT8_SEARCH_TARGETS = ("onnx", "onnx-arm", "openvino", "tensorrt")
 
 # Why the maxima exist, added to pydantic's "less than or equal to N" message.
 BOUNDS = {
@@ -204,13 +204,13 @@ class Recipe(_Strict):
     @field_validator("max_drop")
     @classmethod
     def _int8_accuracy_control(cls, v: float | None, info: ValidationInfo) -> float | None:
-        # OpenVINO: NNCF accuracy control; onnx, onnx-arm: the INT8 search's float fallback. Silently ignoring
+        # OpenVINO: NNCF accuracy control; onnx, onnx-arm, tensorrt: the INT8 search's float fallback. Silently ignoring
         # it elsewhere would mislead.
         if v is not None and (
             info.data.get("precision") != "int8" or info.data.get("target") not in ("openvino", *INT8_SEARCH_TARGETS)
         ):
             raise ValueError(
-                "applies only to --precision int8 with --target openvino (NNCF accuracy control), onnx or onnx-arm"
+                "applies only to --precision int8 with --target openvino (NNCF accuracy control), onnx, onnx-arm or tensorrt"
             )
         return v
 

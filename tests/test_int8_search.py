@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+
 import onnx
 import pytest
 
 import fnexport.int8_search as int8_search
 from fnexport.conversion import convert
 from fnexport.demo import DIGITS_PRE
-from fnexport.errors import BadInput, CheckFailed
+from fnexport.errors import BackendUnavailable, BadInput, CheckFailed
 from fnexport.gate import gate
 from fnexport.model.checkpoint import load_checkpoint
 from fnexport.recipes import Recipe, Tolerance
+from fnexport.targets.graph import layer_nodes
 from fnexport.targets.openvino import HEAD_AND_STEM, int8_plans
+from fnexport.targets.tensorrt_qdq import verify_qdq
+from tests.targets.test_tensorrt import NO_GPU
 from tests.test_cli import cli
 
 
@@ -22,10 +28,14 @@ def _recipe(target: str, **kw) -> Recipe:
     )
 
 
-def test_search_off_keeps_todays_failure(hard_ckpt, tmp_path):
+@pytest.mark.parametrize(
+    ("target", "failure"),
+    [("onnx", "onnx int8 parity failed"), ("tensorrt", "tensorrt int8 prepared ONNX failed parity on ONNX Runtime")],
+)
+def test_search_off_keeps_todays_failure(hard_ckpt, target, failure, tmp_path):
     """The fixture is really hard: one MinMax calibration (today's behaviour, --int8-search off) fails the gate."""
-    with pytest.raises(CheckFailed, match="onnx int8 parity failed"):
-        convert(load_checkpoint(hard_ckpt), _recipe("onnx", int8_search="off"), tmp_path / "out")
+    with pytest.raises(CheckFailed, match=failure):
+        convert(load_checkpoint(hard_ckpt), _recipe(target, int8_search="off"), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
@@ -49,6 +59,43 @@ def test_search_finds_a_passing_artifact(hard_ckpt, target, tmp_path):
     # `fnexport parity` on its own (larger) image sample passes the artifact again.
     [result] = gate(ckpt, [out])
     assert result.status == "PASS", result.reason
+
+
+def test_tensorrt_search_hands_off_a_passing_prepared_onnx(hard_ckpt, tmp_path):
+    """TensorRT's candidates are prepared ONNX files (ModelOpt's Q/DQ placement) judged on ONNX Runtime CPU;
+    the chosen one passes convert's prepared check, then (no GPU here) convert exits 3 with the hand-off."""
+    out = tmp_path / "trt"
+    code, _, err = cli(
+        "convert", str(hard_ckpt), "-t", "tensorrt", "-p", "int8", "--imgsz", "64", "--calib", "embedded:natural",
+        "-o", str(out),
+    )  # fmt: skip
+    assert code == (3 if NO_GPU else 0), err
+    if NO_GPU:
+        assert "fnexport build-engine" in err
+    manifest = json.loads((out / "manifest.json").read_text())
+    details, search = manifest["details"], manifest["int8"]
+    assert details["prepared_check"]["passed"] and search["chosen"]["passed"]
+    assert not search["candidates"][0]["passed"]  # plain MinMax fails on TensorRT's placement too
+    assert [c["options"]["method"] for c in search["candidates"][:3]] == ["minmax", "percentile", "entropy"]
+    # The float layers the search chose (module names) are the Conv/Gemm nodes the prepared ONNX keeps float.
+    assert search["float_layers"] == details["float_layers"] == search["chosen"]["float_layers"]
+    assert search["float_layers"] and "head" not in search["float_layers"]  # a GEMV head is FP16 anyway
+    nodes = layer_nodes(out / "model.onnx")
+    assert all(details["kept_float"][nodes[m]] == "kept float on request" for m in search["float_layers"])
+    assert verify_qdq(onnx.load(str(out / "model.onnx")), also_float=[nodes[m] for m in search["float_layers"]]) == []
+    assert sorted(manifest["files"]) == ["model.onnx", "reference.npz"]  # no candidate folders left behind
+
+
+def test_tensorrt_takes_exclusions_by_hand(hard_ckpt, tmp_path):
+    loose = Tolerance(min_cosine=0.0, min_top1=0.0, max_abs_rms=100.0)  # this test is about the graph
+    recipe = _recipe("tensorrt", int8_search="off", int8_exclude=("patch_embed.proj",), tolerance=loose)
+    with pytest.raises(BackendUnavailable) if NO_GPU else contextlib.nullcontext():
+        convert(load_checkpoint(hard_ckpt), recipe, tmp_path / "out")
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert "int8" not in manifest and manifest["details"]["float_layers"] == ["patch_embed.proj"]
+    stem = layer_nodes(tmp_path / "out" / "model.onnx")["patch_embed.proj"]
+    assert manifest["details"]["kept_float"][stem] == "kept float on request"
+    assert manifest["details"]["calibration_method"] == "minmax"
 
 
 def test_search_out_of_budget_names_the_best_candidate(hard_ckpt, tmp_path, monkeypatch):
@@ -83,7 +130,7 @@ def test_exclusions_need_an_int8_target_that_takes_them():
     with pytest.raises(ValueError, match="int8_exclude"):
         Recipe(target="onnx", precision="fp32", int8_exclude=("head",))
     with pytest.raises(ValueError, match="int8_exclude"):
-        Recipe(target="tensorrt", precision="int8", calib="embedded:natural", int8_exclude=("head",))
+        Recipe(target="executorch", precision="int8", calib="embedded:natural", int8_exclude=("head",))
 
 
 def _digits(digits_dirs, **kw) -> Recipe:

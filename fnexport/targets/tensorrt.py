@@ -23,8 +23,8 @@ from fnexport.console import log, require, step
 from fnexport.data import batches
 from fnexport.errors import BackendUnavailable, BadInput, CheckFailed, FnexportError
 from fnexport.recipes import Recipe
-from fnexport.targets.base import Exported, Source
-from fnexport.targets.graph import INPUT_NAME
+from fnexport.targets.base import Exported, Int8Plan, Source
+from fnexport.targets.graph import INPUT_NAME, layer_nodes
 from fnexport.targets.onnx import OrtRunner, convert_fp16, quantize_int8
 from fnexport.targets.tensorrt_cuda import CudaStream, query_gpu
 from fnexport.targets.tensorrt_plan import (
@@ -107,7 +107,11 @@ def prepare(src: Source, recipe: Recipe, out: Path) -> dict[str, Any]:
     elif recipe.precision == "fp16":
         details = convert_fp16(fp32, out, FP16_KEEP_FP32)
     else:
-        details = prepare_int8(src, recipe, fp32, out)
+        plan = src.int8_plan or int8_plans(recipe, full=False)[0]
+        nodes = layer_nodes(fp32)
+        exclude = [nodes[m] for m in plan.exclude]
+        details = prepare_int8(src, recipe, fp32, out, method=plan.kwargs["method"], exclude=exclude)
+        details["float_layers"] = list(plan.exclude)
     model = onnx.load(str(out))
     problems = unsupported_ops(model)
     if problems:
@@ -120,6 +124,16 @@ def prepare(src: Source, recipe: Recipe, out: Path) -> dict[str, Any]:
         "ops": dict(Counter(n.op_type for n in model.graph.node).most_common()),
     }
     return details
+
+
+def int8_plans(recipe: Recipe, full: bool) -> list[Int8Plan]:
+    """TensorRT's INT8 settings in the order the search tries them (the first is the recipe's own): the
+    calibration method only. The placement is ModelOpt's and activations stay symmetric (TensorRT's INT8 has no
+    zero-points), so `full` adds nothing here. MinMax first, then percentile (hard T0 at 64: cosine 0.974 ->
+    0.991, top-1 84% -> 94%), then entropy (ModelOpt's own default). A pinned method is the only one.
+    Float layers (by sensitivity) come after these, on the best of them."""
+    methods = [recipe.calib_method] if recipe.calib_method_pinned else ["minmax", "percentile", "entropy"]
+    return [Int8Plan((("method", m),), recipe.int8_exclude) for m in methods]
 
 
 def prepare_int8(
@@ -489,10 +503,34 @@ class TensorRtTarget:
         "cuda-bindings": "tensorrt",
     }
 
+    def int8_plans(self, recipe: Recipe, full: bool) -> list[Int8Plan]:
+        return int8_plans(recipe, full)
+
     def export(self, src: Source, out_dir: Path, recipe: Recipe) -> Exported:
+        return self.finish(src, self.write_prepared(src, out_dir, recipe), recipe)
+
+    def write_prepared(self, src: Source, out_dir: Path, recipe: Recipe) -> Exported:
+        """The prepared ONNX alone: what the INT8 search judges (with candidate_runner) for each candidate, so
+        that only the chosen one is checked, handed off or built into an engine (finish)."""
         prepared = out_dir / PREPARED
         with step(f"Preparing the TensorRT {recipe.precision} ONNX"):
             details = prepare(src, recipe, prepared)
+        return Exported(prepared, details)
+
+    def float_anyway(self, src: Source) -> set[str]:
+        """Module names ModelOpt's rules keep float on their own: the search spends no candidate on them."""
+        import onnx
+
+        kept = float_weighted(onnx.load(str(src.onnx())))
+        return {module for module, node in layer_nodes(src.onnx()).items() if node in kept}
+
+    def candidate_runner(self, exported: Exported) -> OrtRunner:
+        """The INT8 search's judge: runner() refuses a prepared ONNX, which is all a candidate is."""
+        return prepared_runner(exported.path, "int8")
+
+    def finish(self, src: Source, exported: Exported, recipe: Recipe) -> Exported:
+        """Check the prepared ONNX beside it against PyTorch, then build the engine or hand off to the GPU host."""
+        prepared, details, out_dir = exported.path, exported.details, exported.path.parent
         details["prepared_check"] = check_prepared(src, recipe, prepared, out_dir)
         details["prepared"] = {"file": PREPARED, "sha256": mf.sha256_artifact(prepared)}
         batch = "batch" if recipe.dynamic else recipe.batch
