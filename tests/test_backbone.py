@@ -130,8 +130,9 @@ def test_classifier_exported_as_backbone_with_features(layouts, t0_model, tmp_pa
     ("args", "message"),
     [
         (["--target", "coreml", "--dynamic-hw"], "--dynamic-hw: --target coreml takes a fixed input size"),
-        (["--target", "executorch"], "--target executorch: "),
-        (["--target", "ncnn"], "--target ncnn: "),
+        (["--target", "executorch", "--dynamic-hw"], "--dynamic-hw: --target executorch takes a fixed input size"),
+        (["--target", "ncnn", "--dynamic-hw"], "--dynamic-hw: --target ncnn takes a fixed input size"),
+        (["--target", "coreml"], "--target coreml: "),
         (["--profile-hw", "64,96,128", "--dynamic-hw"], "--profile-hw: applies only to --target tensorrt"),
         (["--imgsz", "64,90"], "--imgsz: 90 is not a multiple of 32"),
         (["--imgsz", "64,96,128"], "--imgsz '64,96,128': give one size"),

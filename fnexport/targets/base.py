@@ -14,7 +14,6 @@ import torch
 from fnexport.comparison import feature_reference, labels_for, reference
 from fnexport.console import log
 from fnexport.data import DEFAULT_DATA, PARITY_SEED, ImageSet, load_images, resolve
-from fnexport.errors import BadInput
 from fnexport.model.checkpoint import Checkpoint
 from fnexport.model.fasternet import FasterNet
 from fnexport.model.reparam import reparameterize
@@ -75,18 +74,6 @@ class Target(Protocol):
 def parity_images(recipe: Recipe) -> ImageSet:
     """The images convert checks parity on (and `build-engine` again, later, on the GPU host)."""
     return load_images(recipe.parity_data or DEFAULT_DATA, recipe.pre(), recipe.parity_samples, seed=PARITY_SEED)
-
-
-def require_classifier(model: torch.nn.Module, example: torch.Tensor, target: str) -> None:
-    """Refuse, before converting, a model whose forward is not one (batch, classes) logits tensor."""
-    with torch.no_grad():
-        out = model(example)
-    if not (isinstance(out, torch.Tensor) and out.ndim == 2):
-        shapes = [tuple(o.shape) for o in out] if isinstance(out, (list, tuple)) else type(out).__name__
-        raise BadInput(
-            f"--target {target} ships classifiers (one logits tensor, batch x classes); this model returns "
-            f"{shapes}: backbones are not supported by this target"
-        )
 
 
 class Source:

@@ -16,7 +16,7 @@ import torch
 from fnexport.console import log, require
 from fnexport.errors import BackendUnavailable, BadInput, CheckFailed
 from fnexport.recipes import Recipe
-from fnexport.targets.base import Exported, Source, require_classifier
+from fnexport.targets.base import Exported, Source
 
 PTE = "model.pte"
 DELEGATE = "XnnpackBackend"
@@ -191,9 +191,10 @@ class PteRunner:
             "threads_scope": "process-wide ExecuTorch threadpool",
         }
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray) -> np.ndarray | list[np.ndarray]:
         out = self.method.execute([torch.from_numpy(np.ascontiguousarray(x, np.float32))])
-        return out[0].numpy().copy()
+        arrays = [o.numpy().copy() for o in out]  # copies: the method reuses its output buffers
+        return arrays[0] if len(arrays) == 1 else arrays  # a backbone: its feature maps in stride order
 
     def close(self) -> None:
         del self.method, self.program
@@ -215,8 +216,8 @@ class ExecutorchTarget:
             raise BadInput("--target executorch: --dynamic is not offered; use a static --batch (default 1)")
         cfg = src.ckpt.config
         model = src.module(self.pconv_form)
-        example = torch.zeros(recipe.batch, cfg.in_chans, recipe.imgsz, recipe.imgsz)
-        require_classifier(model, example, self.name)
+        # A backbone (fixed H x W; --dynamic-hw is refused by the recipe) returns its four maps in stride order.
+        example = torch.zeros(recipe.batch, cfg.in_chans, *recipe.hw)
         details: dict[str, Any] = {
             "format": "ExecuTorch program (.pte)",
             "conversion": f"torch.export of the {self.pconv_form} model, executorch {version} "

@@ -15,7 +15,7 @@ import torch
 from fnexport.console import console, log, require
 from fnexport.errors import BadInput, CheckFailed, FnexportError
 from fnexport.recipes import Recipe
-from fnexport.targets.base import Exported, Source, require_classifier
+from fnexport.targets.base import Exported, Source
 
 MODEL_DIR, PARAM, BIN = "ncnn_model", "model.ncnn.param", "model.ncnn.bin"
 # T0 converts in ~1 s; a pnnx that has not finished in this long is stuck, not slow.
@@ -86,7 +86,7 @@ def layer_types(param: Path) -> Counter:
     return Counter(line.split()[0] for line in lines[2:] if line.strip())
 
 
-def check_loadable(ncnn: Any, param: Path, binary: Path, pnnx_log: str) -> tuple[str, str]:
+def check_loadable(ncnn: Any, param: Path, binary: Path, pnnx_log: str) -> tuple[str, list[str]]:
     """pnnx exits 0 on graphs ncnn cannot load (unknown ops stay as pnnx.Expression, aten::*): check both ways."""
     unknown = sorted(t for t in layer_types(param) if ncnn.layer_to_index(t) == -1)
     if unknown:
@@ -97,7 +97,10 @@ def check_loadable(ncnn: Any, param: Path, binary: Path, pnnx_log: str) -> tuple
         codes = (net.load_param(str(param)), net.load_model(str(binary)))
         if codes != (0, 0):
             raise CheckFailed(f"ncnn could not load the converted model (load_param, load_model = {codes})")
-        return net.input_names()[0], net.output_names()[0]
+        # pnnx names the outputs out0, out1, ... in the order the traced forward returns them (stride order
+        # for a backbone); ncnn lists them in layer order, so sort them by that number.
+        outputs = sorted(net.output_names(), key=lambda name: int(name.removeprefix("out")))
+        return net.input_names()[0], outputs
     finally:
         net.clear()
 
@@ -116,7 +119,7 @@ class NcnnRunner:
         if codes != (0, 0):
             self.net.clear()
             raise CheckFailed(f"{folder}: ncnn could not load it (load_param, load_model = {codes})")
-        self.input_name, self.output_name = details["input_blob"], details["output_blob"]
+        self.input_name, self.output_names = details["input_blob"], details["output_blobs"]
         self.batch = 1
         self.info = {
             "runtime": f"ncnn {self.ncnn.__version__}",
@@ -126,24 +129,30 @@ class NcnnRunner:
             "fp16_arithmetic": bool(self.net.opt.use_fp16_arithmetic and self.ncnn.cpu_support_arm_asimdhp()),
         }
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return np.stack([self.one(img) for img in np.ascontiguousarray(x, np.float32)])
+    def __call__(self, x: np.ndarray) -> np.ndarray | list[np.ndarray]:
+        per_image = [self.one(img) for img in np.ascontiguousarray(x, np.float32)]
+        outs = [np.stack(maps) for maps in zip(*per_image, strict=True)]
+        return outs[0] if len(outs) == 1 else outs  # a backbone: its feature maps in stride order
 
-    def one(self, img: np.ndarray) -> np.ndarray:
+    def one(self, img: np.ndarray) -> list[np.ndarray]:
+        """One image's outputs: logits flattened, a backbone's maps as c x h x w."""
         ex = self.net.create_extractor()
         mat = self.ncnn.Mat(img)  # c x h x w float32 -> a 3-D Mat
+        outs = []
         try:
             if ex.input(self.input_name, mat) != 0:
                 raise FnexportError(f"ncnn rejected the input blob {self.input_name!r}")
-            code, out = ex.extract(self.output_name)
-            if code != 0:
-                raise FnexportError(f"ncnn extract({self.output_name!r}) returned {code}")
-            logits = np.array(out, np.float32).reshape(-1)  # a copy
-            del out
+            for name in self.output_names:
+                code, out = ex.extract(name)
+                if code != 0:
+                    raise FnexportError(f"ncnn extract({name!r}) returned {code}")
+                array = np.array(out, np.float32)  # a copy
+                del out
+                outs.append(array if len(self.output_names) > 1 else array.reshape(-1))
         finally:
             # Every Mat and Extractor must be gone before net.clear(), or ncnn aborts the process.
             del ex, mat
-        return logits
+        return outs
 
     def close(self) -> None:
         self.net.clear()
@@ -165,9 +174,9 @@ class NcnnTarget:
             raise BadInput("--target ncnn: ncnn runs one image per extractor (no batch dimension); use --batch 1")
         cfg = src.ckpt.config
         model = src.module(self.pconv_form)
-        shape = [1, cfg.in_chans, recipe.imgsz, recipe.imgsz]
+        # A backbone (fixed H x W; --dynamic-hw is refused by the recipe) returns its four maps in stride order.
+        shape = [1, cfg.in_chans, *recipe.hw]
         example = torch.zeros(shape)
-        require_classifier(model, example, self.name)
         work = src.workdir / "pnnx"
         work.mkdir()
         with warnings.catch_warnings(), torch.no_grad():
@@ -176,7 +185,7 @@ class NcnnTarget:
         fp16 = recipe.precision == "fp16"
         cmd = pnnx_command(pnnx.EXEC_PATH, work / "model.pt", work, shape, fp16)
         pnnx_log = run_pnnx(cmd)
-        input_blob, output_blob = check_loadable(ncnn, work / PARAM, work / BIN, pnnx_log)
+        input_blob, output_blobs = check_loadable(ncnn, work / PARAM, work / BIN, pnnx_log)
         folder = out_dir / MODEL_DIR
         folder.mkdir()
         for name in (PARAM, BIN):
@@ -188,7 +197,7 @@ class NcnnTarget:
             "pconv_form": self.pconv_form,
             "weights": "fp16" if fp16 else "fp32",
             "input_blob": input_blob,
-            "output_blob": output_blob,
+            "output_blobs": output_blobs,  # in the manifest's output order
             "input_shape": shape[1:],  # ncnn Mats have no batch: c, h, w
             "runner_options": net_options(recipe.precision),
             "layers": dict(layer_types(folder / PARAM).most_common()),

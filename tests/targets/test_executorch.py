@@ -6,17 +6,18 @@ import importlib.metadata
 import json
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from fnexport import manifest as mf
 from fnexport.conversion import convert
-from fnexport.errors import BackendUnavailable, BadInput, CheckFailed
+from fnexport.errors import BackendUnavailable, CheckFailed
 from fnexport.model.checkpoint import load_checkpoint
 from fnexport.model.reparam import reparameterize
 from fnexport.recipes import Recipe
 from fnexport.targets import executorch as et
-from fnexport.targets.base import require_classifier
+from tests.conftest import functional_backbone
 from tests.test_cli import cli
 
 pytest.importorskip("executorch")
@@ -104,15 +105,39 @@ def test_a_conv_outside_xnnpack_fails_the_convert(custom_model, layouts, monkeyp
     assert not (tmp_path / "out").exists()
 
 
-def test_a_backbone_is_refused_clearly():
-    """Mobile targets ship classifiers; a model with several feature-map outputs is bad input, not a crash."""
+def test_backbone_pte_every_output_matches_the_unfolded_model(backbone_files, fork_feat_sd, tmp_path):
+    """A fork_feat T0 at 64x96 (not square): four outputs in stride order, one XNNPACK partition, each output
+    within the fp32 gate at convert and within 1e-4 of its range against an independent functional forward."""
+    recipe = Recipe(target="executorch", imgsz=(64, 96), parity_samples=8)
+    ckpt = load_checkpoint(backbone_files["plain"])
+    out, manifest = convert(ckpt, recipe.fit(ckpt.config), tmp_path / "bb")
+    assert manifest["kind"] == "backbone" and manifest["parity"]["passed"]
+    names = [o["name"] for o in manifest["outputs"]]
+    assert names == ["feat_s4", "feat_s8", "feat_s16", "feat_s32"]
+    assert [o["name"] for o in manifest["parity"]["outputs"]] == names
+    assert all(o["passed"] and o["max_rel"] < 1e-4 for o in manifest["parity"]["outputs"])
+    details = manifest["details"]
+    assert details["input_shape"] == [1, 3, 64, 96] and details["partitions"] == 1
+    assert details["ops_outside_delegate"] == {}
+    runner = et.ExecutorchTarget().runner(out / manifest["artifact"], manifest)
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    try:
+        outs = runner(x.numpy())
+    finally:
+        runner.close()
+    with torch.no_grad():
+        refs = functional_backbone(fork_feat_sd, "gelu", x)
+    assert [list(o.shape) for o in outs] == [o["shape"] for o in manifest["outputs"]]
+    for r, o in zip(refs, outs, strict=True):
+        assert np.abs(o - r.numpy()).max() / r.abs().max().item() < 1e-4
 
-    class FourMaps(torch.nn.Module):
-        def forward(self, x):
-            return [x[:, :, :: 2**i, :: 2**i] for i in range(4)]
 
-    with pytest.raises(BadInput, match="backbones are not supported"):
-        require_classifier(FourMaps(), torch.zeros(1, 3, 64, 64), "executorch")
+def test_backbone_dynamic_hw_is_refused(backbone_files, tmp_path):
+    code, _, stderr = cli(
+        "convert", str(backbone_files["plain"]), "-t", "executorch", "--dynamic-hw", "-o", str(tmp_path / "x")
+    )
+    assert code == 2 and "--dynamic-hw: --target executorch takes a fixed input size" in stderr
+    assert "Traceback" not in stderr and not (tmp_path / "x").exists()
 
 
 def test_torch_pairing_is_checked_before_import(monkeypatch, layouts, tmp_path):

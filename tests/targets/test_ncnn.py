@@ -6,6 +6,7 @@ import json
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,6 +16,7 @@ from fnexport.errors import CheckFailed, FnexportError
 from fnexport.model.checkpoint import load_checkpoint
 from fnexport.recipes import Recipe
 from fnexport.targets import ncnn as target
+from tests.conftest import functional_backbone
 from tests.test_cli import cli
 
 ncnn = pytest.importorskip("ncnn")
@@ -46,7 +48,7 @@ def test_fp32_matches_pytorch(exported):
     assert files["model.ncnn.bin"] > 3.9 * manifest["model"]["params"]
     assert "fp16=0" in details["pnnx_options"] and details["weights"] == "fp32"
     assert not any(v for k, v in details["runner_options"].items() if k.startswith("use_fp16"))
-    assert (details["input_blob"], details["output_blob"]) == ("in0", "out0")
+    assert (details["input_blob"], details["output_blobs"]) == ("in0", ["out0"])
     assert details["layers"]["Convolution"] == 43 and "BatchNorm" not in details["layers"]
     assert parity["ran"]["fp16_storage"] is False
 
@@ -138,3 +140,41 @@ def test_parity_and_bench_run_ncnn(exported, digits_ckpt, digits_dirs):
     timed = [r for r in rows if r["skipped"] is None]
     assert len(timed) == 2 and all(r["batch"] == 1 and r["latency_ms_p50"] > 0 for r in timed)
     assert all("fixed batch of 1" in r["skipped"] for r in rows if r["batch"] == 16)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_backbone_every_output_matches_the_unfolded_model(backbone_files, fork_feat_sd, tmp_path, precision):
+    """A fork_feat T0 at 64x96 (not square): four output blobs in stride order, each output passing the gate at
+    convert; fp32 also within 1e-4 of each output's range against an independent functional forward."""
+    recipe = Recipe(target="ncnn", precision=precision, imgsz=(64, 96), parity_samples=8)
+    ckpt = load_checkpoint(backbone_files["plain"])
+    out, manifest = convert(ckpt, recipe.fit(ckpt.config), tmp_path / "bb")
+    assert manifest["kind"] == "backbone" and manifest["parity"]["passed"]
+    names = [o["name"] for o in manifest["outputs"]]
+    assert names == ["feat_s4", "feat_s8", "feat_s16", "feat_s32"]
+    assert [o["name"] for o in manifest["parity"]["outputs"]] == names
+    assert all(o["passed"] for o in manifest["parity"]["outputs"])
+    details = manifest["details"]
+    assert details["output_blobs"] == ["out0", "out1", "out2", "out3"] and details["input_shape"] == [3, 64, 96]
+    if precision == "fp16":
+        return
+    assert all(o["max_rel"] < 1e-4 for o in manifest["parity"]["outputs"])
+    runner = target.NcnnTarget().runner(out / manifest["artifact"], manifest)
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    try:
+        outs = runner(x.numpy())
+    finally:
+        runner.close()
+    with torch.no_grad():
+        refs = functional_backbone(fork_feat_sd, "gelu", x)
+    assert [list(o.shape[1:]) for o in outs] == [o["shape"][1:] for o in manifest["outputs"]]
+    for r, o in zip(refs, outs, strict=True):
+        assert o.shape[0] == 2 and np.abs(o - r.numpy()).max() / r.abs().max().item() < 1e-4
+
+
+def test_backbone_dynamic_hw_is_refused(backbone_files, tmp_path):
+    code, _, stderr = cli(
+        "convert", str(backbone_files["plain"]), "-t", "ncnn", "--dynamic-hw", "-o", str(tmp_path / "x")
+    )
+    assert code == 2 and "--dynamic-hw: --target ncnn takes a fixed input size" in stderr
+    assert "Traceback" not in stderr and not (tmp_path / "x").exists()
