@@ -225,9 +225,11 @@ def inspect_command(
     as_json: Json = False,
 ) -> None:
     """Show what a checkpoint is: kind, variant, shape, params, MACs, and what reparameterization removes."""
+    # The same --imgsz checks as convert (multiples of 32; H,W for backbones only): the size itself before
+    # the checkpoint is read, whether it fits the model's kind after.
+    recipe = build_recipe({"imgsz": _imgsz(imgsz)})
     loaded = load_checkpoint(ckpt, act=act, unsafe_load=unsafe_load, features=features)
-    # The same --imgsz checks as convert (multiples of 32; H,W for backbones only).
-    size = build_recipe({"imgsz": _imgsz(imgsz)}).fit(loaded.config).imgsz
+    size = recipe.fit(loaded.config).imgsz
     info = inspect(loaded, size, graph)
     if as_json:
         _emit(info, True, "")

@@ -125,7 +125,8 @@ def test_bad_imgsz_exit_2(command, imgsz, message, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (("convert", "fasternet_t0", "--imgsz", "large"), "Invalid value for '--imgsz'"),
+        (("convert", "fasternet_t0", "--imgsz", "large"), "--imgsz 'large': give one size (square) or HEIGHT,WIDTH"),
+        (("convert", "fasternet_t0", "--batch", "many"), "Invalid value for '--batch'"),
         (("convert",), "Missing argument 'ckpt'"),
         (("convert", "fasternet_t0", "--bogus"), "No such option: --bogus"),
         (("nosuch",), "No such command 'nosuch'"),
