@@ -133,9 +133,9 @@ def test_exclusions_need_an_int8_target_that_takes_them():
         Recipe(target="executorch", precision="int8", calib="embedded:natural", int8_exclude=("head",))
 
 
-def _digits(digits_dirs, **kw) -> Recipe:
+def _digits(digits_dirs, target: str = "onnx", **kw) -> Recipe:
     return Recipe(
-        target="onnx",
+        target=target,
         precision="int8",
         imgsz=DIGITS_PRE.size,
         preprocess={"crop_pct": DIGITS_PRE.crop_pct, "interpolation": DIGITS_PRE.interpolation},
@@ -146,9 +146,13 @@ def _digits(digits_dirs, **kw) -> Recipe:
     )
 
 
-def test_max_drop_on_onnx_holds_out_labelled_images(digits_ckpt, digits_dirs, tmp_path):
-    recipe = _digits(digits_dirs, calib_samples=120, max_drop=0.02)
-    _, manifest = convert(load_checkpoint(digits_ckpt), recipe, tmp_path / "out")
+@pytest.mark.parametrize("target", ["onnx", "tensorrt"])
+def test_max_drop_holds_out_labelled_images(digits_ckpt, digits_dirs, target, tmp_path):
+    recipe = _digits(digits_dirs, target, calib_samples=120, max_drop=0.02)
+    # tensorrt without a GPU: the prepared ONNX and its manifest are written, then exit 3
+    with pytest.raises(BackendUnavailable) if target == "tensorrt" and NO_GPU else contextlib.nullcontext():
+        convert(load_checkpoint(digits_ckpt), recipe, tmp_path / "out")
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     control = manifest["int8"]["max_drop"]
     assert control["images"] == 30 and manifest["calibration"]["images"] == 90  # every fourth held out
     assert control["fp32_accuracy"] > 0.8
