@@ -119,7 +119,9 @@ class NcnnRunner:
         if codes != (0, 0):
             self.net.clear()
             raise CheckFailed(f"{folder}: ncnn could not load it (load_param, load_model = {codes})")
-        self.input_name, self.output_names = details["input_blob"], details["output_blobs"]
+        # Manifests written before backbones named one "output_blob".
+        outputs = details.get("output_blobs") or [details["output_blob"]]
+        self.input_name, self.output_names = details["input_blob"], outputs
         self.batch = 1
         self.info = {
             "runtime": f"ncnn {self.ncnn.__version__}",
