@@ -828,7 +828,7 @@ def test_user_mistakes_are_one_line_naming_the_flag(small_path, small_onnx, tmp_
         ("target: onnx\nimgsz: 64\nimgsz: 96\n", "imgsz: given twice (lines 2 and 3); keep one"),
         ("target: onnx\ntolerance:\n  atol: .inf\n", "tolerance.atol: Input should be a finite number"),
         ("target: onnx\ntolerance:\n  atol: .nan\n", "tolerance.atol: Input should be a finite number"),
-        ('target: onnx\nimgsz: "64"\n', "imgsz: Input should be a valid integer (got '64', a str"),
+        ('target: onnx\nimgsz: "64"\n', "imgsz: give one size or [height, width] (got '64', a str"),
         ("target: onnx\ndynamic: yes\n", {"dynamic": True}),  # YAML 1.1's own boolean: allowed
         ("target: onnx\ntolerance:\n  atol: 1e-3\n", {"tolerance": Tolerance(atol=1e-3)}),  # YAML 1.2's float
         ('target: onnx\ndynamic: "yes"\n', "dynamic: Input should be a valid boolean"),
