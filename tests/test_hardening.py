@@ -612,8 +612,14 @@ def test_malformed_checkpoints_end_quickly(t0_model, tmp_path):
     }
     for name, (obj, message) in cases.items():
         torch.save(obj, tmp_path / f"{name}.pth")
-        code, stdout, stderr = cli("inspect", str(tmp_path / f"{name}.pth"))
-        assert_one_line_exit_2(code, stdout, stderr, message)
+        # In a fresh process: in the full suite, after ~280 other tests, this in-process run crashed pytest with
+        # a segfault twice (CI-like runs, same place; the file alone passes). Not yet explained.
+        result = subprocess.run(
+            [sys.executable, "-m", "fnexport", "inspect", str(tmp_path / f"{name}.pth")],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert_one_line_exit_2(result.returncode, result.stdout, result.stderr, message)
+    del self_wrapped["model"], cases
     # Nested prefixes and keys that are not strings still load.
     torch.save({1: torch.zeros(1), **{f"model.module.{k}": v for k, v in sd.items()}}, tmp_path / "nested.pth")
     assert load_checkpoint(tmp_path / "nested.pth").layout == "official (model > module)"

@@ -182,8 +182,11 @@ class PteRunner:
             # Process-wide: ExecuTorch has one threadpool, shared by XNNPACK and its optimized kernels,
             # with no per-program setting (the API is marked unsafe/experimental).
             portable_lib._unsafe_reset_threadpool(threads)
-        self.program = runtime.load_program(artifact)
-        self.method = self.program.load_method("forward")
+        program = runtime.load_program(artifact)
+        # Attributes are released in the order they were set when a runner is dropped without close():
+        # the method before the program it was loaded from, as close() does.
+        self.method = program.load_method("forward")
+        self.program = program
         self.batch = int(self.method.metadata.input_tensor_meta(0).sizes()[0])
         self.info = {
             "runtime": f"executorch {version} ({DELEGATE})",
