@@ -197,84 +197,45 @@ def check_parity(
 
 
 def build_manifest(ckpt: Checkpoint, recipe: Recipe, target: Target, exported: Exported) -> dict:
+    """What the artifact is. A backbone also records its four outputs (name, channels, stride), the detector's
+    resize rule, the exported size (where parity ran and MACs are counted) and, with --dynamic-hw, symbolic
+    height and width."""
     cfg = ckpt.config
     params, macs = count(ckpt.model, recipe.imgsz)
-    if cfg.features:
-        return backbone_manifest(ckpt, recipe, target, exported, params, macs)
     p = recipe.preprocess
     batch = "batch" if recipe.dynamic else recipe.batch
-    return {
-        "schema": mf.SCHEMA,
-        "kind": "classifier",
-        "target": target.name,
-        "precision": recipe.precision,
-        "artifact": exported.path.name,
-        "sha256": mf.sha256_artifact(exported.path),
-        "input": {
-            "name": "input",
-            "shape": [batch, cfg.in_chans, recipe.imgsz, recipe.imgsz],
-            "dtype": "float32",
-            "layout": "NCHW, RGB",
-            "mean": list(p.mean),
-            "std": list(p.std),
-            "crop_pct": p.crop_pct,
-            "interpolation": p.interpolation,
-        },
-        "output": {"name": "logits", "shape": [batch, cfg.num_classes]},
-        "model": cfg.to_dict() | {"params": params, "macs": macs},
-        "labels": ckpt.labels,
-        "source": ckpt.source(),
-        "recipe": recipe.model_dump(mode="json"),
-        "details": exported.details,
-        "versions": mf.versions(*target.packages),
-    }
-
-
-def backbone_manifest(
-    ckpt: Checkpoint, recipe: Recipe, target: Target, exported: Exported, params: int, macs: int
-) -> dict:
-    """A backbone's manifest: four outputs (name, channels, stride), the detector's resize rule, the exported
-    size (where parity ran and MACs are counted) and, with --dynamic-hw, symbolic height and width."""
-    cfg = ckpt.config
-    p = recipe.preprocess
     h, w = hw(recipe.imgsz)
-    batch = "batch" if recipe.dynamic else recipe.batch
     dims = ["height", "width"] if recipe.dynamic_hw else [h, w]
+    spec: dict = {"name": "input", "shape": [batch, cfg.in_chans, *dims]}
+    if cfg.features:
+        spec |= {"size": [h, w], "dynamic_hw": recipe.dynamic_hw}
+    spec |= {"dtype": "float32", "layout": "NCHW, RGB"}
+    if cfg.features:
+        spec["resize"] = p.resize
+    spec |= {"mean": list(p.mean), "std": list(p.std), "crop_pct": p.crop_pct, "interpolation": p.interpolation}
+    if cfg.features:
+        out = {"outputs": [o | {"shape": [batch, o["channels"], *(_strided(d, o["stride"]) for d in dims)]}
+                           for o in cfg.outputs()]}  # fmt: skip
+    else:
+        out = {"output": {"name": "logits", "shape": [batch, cfg.num_classes]}}
     return {
         "schema": mf.SCHEMA,
-        "kind": "backbone",
+        "kind": "backbone" if cfg.features else "classifier",
         "target": target.name,
         "precision": recipe.precision,
         "artifact": exported.path.name,
         "sha256": mf.sha256_artifact(exported.path),
-        "input": {
-            "name": "input",
-            "shape": [batch, cfg.in_chans, *dims],
-            "size": [h, w],
-            "dynamic_hw": recipe.dynamic_hw,
-            "dtype": "float32",
-            "layout": "NCHW, RGB",
-            "resize": p.resize,
-            "mean": list(p.mean),
-            "std": list(p.std),
-            "crop_pct": p.crop_pct,
-            "interpolation": p.interpolation,
-        },
-        "outputs": [
-            o
-            | {
-                "shape": [
-                    batch,
-                    o["channels"],
-                    *(f"{d}/{o['stride']}" if isinstance(d, str) else d // o["stride"] for d in dims),
-                ]
-            }
-            for o in cfg.outputs()
-        ],
+        "input": spec,
+        **out,
         "model": cfg.to_dict() | {"params": params, "macs": macs},  # MACs at input.size
-        "labels": None,
+        "labels": None if cfg.features else ckpt.labels,
         "source": ckpt.source(),
         "recipe": recipe.model_dump(mode="json"),
         "details": exported.details,
         "versions": mf.versions(*target.packages),
     }
+
+
+def _strided(dim: int | str, stride: int) -> int | str:
+    """An output's height or width: the input's divided by the stride, symbolically for --dynamic-hw."""
+    return f"{dim}/{stride}" if isinstance(dim, str) else dim // stride
