@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 import fnexport.manifest as mf
+from fnexport.comparison import run_features
 from fnexport.console import log, progress
 from fnexport.conversion import convert as convert_checkpoint
 from fnexport.data import IMAGE_SUFFIXES, ImageStream, Preprocess, list_images, open_images
@@ -281,14 +282,9 @@ class Artifact:
 
     def run(self, x: np.ndarray) -> list[np.ndarray]:
         """One chunk of at most `batch` preprocessed images through the runtime: every output, unpadded."""
-        n = len(x)
-        if n == 0:
+        if len(x) == 0:
             return []
-        if self.runner.batch and n < self.runner.batch:  # a fixed-batch graph: repeat the last image
-            x = np.concatenate([x, np.repeat(x[-1:], self.runner.batch - n, axis=0)])
-        outs = self.runner(np.ascontiguousarray(x, np.float32))
-        outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
-        return [np.asarray(o, dtype=np.float32)[:n] for o in outs]
+        return [np.asarray(o, dtype=np.float32) for o in run_features(self.runner, x, self.batch)]
 
     def _join(self, chunks: Iterable[list[np.ndarray]]) -> np.ndarray | list[np.ndarray]:
         parts = [c for c in chunks if c]

@@ -92,18 +92,21 @@ class ParityReport:
         )
 
 
-@torch.no_grad()
+def as_outputs(result: object) -> list:
+    """A model's or runner's result as a list of outputs: a classifier's one logits array, a backbone's maps."""
+    return list(result) if isinstance(result, (list, tuple)) else [result]
+
+
 def reference(model: torch.nn.Module, x: np.ndarray, chunk: int = 32) -> np.ndarray:
     """Logits of the original, un-reparameterized model."""
-    model.eval()
-    return np.concatenate([model(torch.from_numpy(part)).numpy() for part, _ in batches(x, chunk)])
+    (logits,) = feature_reference(model, x, chunk)
+    return logits
 
 
 def run(runner, x: np.ndarray, chunk: int = 32) -> np.ndarray:
     """Feed `x` through a runner in chunks of its fixed batch (padding the last) or `chunk`."""
-    size = runner.batch or chunk
-    outs = [np.asarray(runner(part), dtype=np.float32)[:n] for part, n in batches(x, size, pad=bool(runner.batch))]
-    return np.concatenate(outs)
+    (logits,) = run_features(runner, x, chunk)
+    return logits
 
 
 def check(runner, x: np.ndarray, ref: np.ndarray, tol: Tolerance, labels: np.ndarray | None = None) -> ParityReport:
@@ -314,17 +317,17 @@ class FeatureReport:
 
 @torch.no_grad()
 def feature_reference(model: torch.nn.Module, x: np.ndarray, chunk: int = 32) -> list[np.ndarray]:
-    """A backbone's outputs (original, un-reparameterized model), one array per output over every image."""
+    """Every output of the original, un-reparameterized model (a backbone's four), each over every image."""
     model.eval()
-    parts = [[o.numpy() for o in model(torch.from_numpy(part))] for part, _ in batches(x, chunk)]
+    parts = [[o.numpy() for o in as_outputs(model(torch.from_numpy(part)))] for part, _ in batches(x, chunk)]
     return [np.concatenate(out) for out in zip(*parts, strict=True)]
 
 
 def run_features(runner, x: np.ndarray, chunk: int = 32) -> list[np.ndarray]:
-    """Feed `x` through a backbone runner (one array per output) in chunks, padding a fixed batch."""
+    """Feed `x` through a runner in chunks of its fixed batch (padding the last) or `chunk`: every output."""
     size = runner.batch or chunk
     parts = [
-        [np.asarray(o, dtype=np.float32)[:n] for o in runner(part)]
+        [np.asarray(o, dtype=np.float32)[:n] for o in as_outputs(runner(part))]
         for part, n in batches(x, size, pad=bool(runner.batch))
     ]
     return [np.concatenate(out) for out in zip(*parts, strict=True)]
