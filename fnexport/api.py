@@ -359,8 +359,13 @@ def output_stats(outputs: list[np.ndarray], specs: list[dict]) -> list[list[dict
 
 
 def image_files(paths: Iterable[str | Path]) -> Iterator[Path]:
-    """Files as given and folders expanded (recursive, sorted); anything else is warned about and skipped."""
-    for p in map(Path, paths):
+    """Files as given and folders expanded (recursive, sorted). A path that does not exist is BadInput before
+    anything runs; an unreadable file is warned about and skipped when it is decoded."""
+    paths = [Path(p) for p in paths]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise BadInput(f"{_few(missing)}: no such file or folder; give image files or folders of images")
+    for p in paths:
         if p.is_dir():
             found = list_images(p)
             if not found:

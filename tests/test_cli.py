@@ -203,7 +203,14 @@ def test_predict_exit_codes(converted, tmp_path, monkeypatch):
     out, _ = converted
     monkeypatch.chdir(tmp_path)
     (tmp_path / "bad.jpg").write_text("not an image")
+    (tmp_path / "bad2.jpg").write_bytes(b"\xff\xd8 truncated")
     rc, stdout, stderr = cli("predict", str(out), "bad.jpg", "missing.png", "--json")
+    assert (
+        rc == 2
+        and stdout == ""
+        and stderr.strip() == "error: missing.png: no such file or folder; give image files or folders of images"
+    )
+    rc, stdout, stderr = cli("predict", str(out), "bad.jpg", "bad2.jpg", "--json")
     assert rc == 2 and stdout == "" and "no readable image" in stderr and "Traceback" not in stderr
     assert " ".join(stderr.split()).count("skipped, not a readable image") == 2
     rc, _, stderr = cli("predict", str(tmp_path), str(tmp_path / "bad.jpg"))
