@@ -23,7 +23,7 @@ from fnexport.console import log, progress
 from fnexport.conversion import convert as convert_checkpoint
 from fnexport.data import IMAGE_SUFFIXES, ImageStream, Preprocess, list_images, open_images
 from fnexport.errors import BadInput
-from fnexport.gate import ArtifactResult, check_report, gate, preprocess_of
+from fnexport.gate import ArtifactResult, check_report, check_size, gate, preprocess_of
 from fnexport.model.checkpoint import Checkpoint, as_features, from_module, load_checkpoint
 from fnexport.recipes import MAX_BATCH, build_recipe, tolerance_from_flags
 from fnexport.targets import get_target
@@ -159,19 +159,26 @@ def parity(
     max_abs_rms: float | None = None,
     localize: bool = False,
     threads: int | None = None,
+    imgsz: int | tuple[int, int] | None = None,
     act: str | None = None,
     unsafe_load: bool = False,
 ) -> list[ArtifactResult]:
     """Run every artifact directory against `model` on the same images; one result (PASS/FAIL/NOT RUN) each.
 
-    Verdicts are returned, not raised: `all(r.status == "PASS" for r in results)` is the gate."""
+    Verdicts are returned, not raised: `all(r.status == "PASS" for r in results)` is the gate. `imgsz` (one
+    size or (height, width)) checks --dynamic-hw backbone artifacts at that size instead of their exported one."""
     override = tolerance_from_flags(atol=atol, min_cosine=min_cosine, min_top1=min_top1, max_abs_rms=max_abs_rms)
     check_count(samples, "--samples", "images")
     if threads is not None:
         check_count(threads, "--threads", "threads")
     dirs = [artifacts] if isinstance(artifacts, (str, Path)) else list(artifacts)
+    size = None if imgsz is None else (imgsz, imgsz) if isinstance(imgsz, int) else tuple(imgsz)
+    if size is not None:
+        check_size(
+            size, [(Path(d), mf.read(Path(d), verify=False)) for d in dirs]
+        )  # before the checkpoint is read: a bad size costs nothing
     ckpt = checkpoint(model, act, unsafe_load)
-    return gate(ckpt, dirs, None if data is None else str(data), samples, override, localize, threads)
+    return gate(ckpt, dirs, None if data is None else str(data), samples, override, localize, threads, size)
 
 
 def check_count(value: int, flag: str, what: str) -> None:

@@ -377,6 +377,10 @@ def parity_command(
         bool, typer.Option("--localize", help="For a failing ONNX artifact, name the first diverging layer.")
     ] = False,
     threads: Annotated[int | None, typer.Option(help="Runtime threads.")] = None,
+    imgsz: Annotated[
+        str | None,
+        typer.Option(help="Check --dynamic-hw backbone artifacts at this size (H,W) instead of their exported one."),
+    ] = None,
     act: Act = None,
     unsafe_load: Unsafe = False,
     as_json: Json = False,
@@ -390,7 +394,8 @@ def parity_command(
         check_report(path)  # before the gate runs: a bad --report must not cost the whole run
     results = api.parity(
         ckpt, artifacts, data, samples, atol=atol, min_cosine=min_cosine, min_top1=min_top1,
-        max_abs_rms=max_abs_rms, localize=localize, threads=threads, act=act, unsafe_load=unsafe_load,
+        max_abs_rms=max_abs_rms, localize=localize, threads=threads, imgsz=_imgsz(imgsz), act=act,
+        unsafe_load=unsafe_load,
     )  # fmt: skip
     table = tabulate_parity(results, data or DEFAULT_DATA)
     for path in report or []:

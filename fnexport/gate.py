@@ -29,7 +29,7 @@ from fnexport.console import log, progress, step
 from fnexport.data import DEFAULT_DATA, PARITY_SEED, ImageStream, Preprocess, open_images
 from fnexport.errors import BackendUnavailable, BadInput, CheckFailed, what_is
 from fnexport.model.checkpoint import Checkpoint, as_features
-from fnexport.recipes import Tolerance
+from fnexport.recipes import MAX_IMGSZ, Tolerance
 from fnexport.targets import get_target
 
 
@@ -59,18 +59,22 @@ def gate(
     override: Tolerance | None = None,
     localize_failures: bool = False,
     threads: int | None = None,
+    imgsz: tuple[int, int] | None = None,
 ) -> list[ArtifactResult]:
     """Verify every artifact's hash first, then run each against the original model on the same inputs.
 
     The images stream from disk in batches, once per preprocessing: each batch goes through the original
     model once and through every artifact that shares that preprocessing, so memory does not grow with
-    --samples (all of a group's runtimes are open at once instead)."""
+    --samples (all of a group's runtimes are open at once instead). `imgsz` (height, width) checks
+    --dynamic-hw backbone artifacts at that size instead of the one they were exported at."""
     verified = read_verified(map(Path, dirs))
+    if imgsz is not None:
+        check_size(imgsz, verified)
     groups: dict[Preprocess, list[int]] = {}
     for i, (d, manifest) in enumerate(verified):
         if manifest["source"].get("sha256") and ckpt.sha256 and manifest["source"]["sha256"] != ckpt.sha256:
             log.warning("%s was converted from %s, not from %s: expect drift", d, manifest["source"]["path"], ckpt.path)
-        groups.setdefault(preprocess_of(manifest), []).append(i)
+        groups.setdefault(preprocess_of(manifest, imgsz), []).append(i)
     results: dict[int, ArtifactResult] = {}
     for pre, members in groups.items():
         stream = open_images(data or DEFAULT_DATA, pre, samples, seed=PARITY_SEED)
@@ -200,10 +204,27 @@ def read_verified(dirs) -> list[tuple[Path, dict]]:
     return manifests
 
 
-def preprocess_of(manifest: dict) -> Preprocess:
+def check_size(imgsz: tuple[int, int], verified: list[tuple[Path, dict]]) -> None:
+    """parity --imgsz H,W: sizes a FasterNet takes, and only artifacts that take any height and width."""
+    for side in imgsz:
+        if side % 32 or not 32 <= side <= MAX_IMGSZ:
+            raise BadInput(
+                f"--imgsz {imgsz[0]},{imgsz[1]}: each side a multiple of 32 from 32 to {MAX_IMGSZ} "
+                f"(FasterNet downsamples 32x); try {min(MAX_IMGSZ, max(32, round(side / 32) * 32))}"
+            )
+    for d, manifest in verified:
+        if not manifest["input"].get("dynamic_hw"):
+            raise BadInput(
+                f"--imgsz {imgsz[0]},{imgsz[1]}: {d} takes only the size it was exported at; --imgsz checks "
+                "backbone artifacts converted with --dynamic-hw (leave it out for this one)"
+            )
+
+
+def preprocess_of(manifest: dict, imgsz: tuple[int, int] | None = None) -> Preprocess:
+    """The artifact's preprocessing at its exported size, or at `imgsz` (a --dynamic-hw backbone: check_size)."""
     spec = manifest["input"]
     if manifest.get("kind") == "backbone":  # the exported size (a dynamic H x W artifact's shape says height, width)
-        h, w = spec["size"]
+        h, w = imgsz or spec["size"]
         size = h if h == w else (h, w)
         return Preprocess(
             size, tuple(spec["mean"]), tuple(spec["std"]), spec["crop_pct"], spec["interpolation"], spec["resize"]

@@ -204,8 +204,20 @@ def test_parity_passes_per_output_and_fails_a_perturbed_copy(backbone_files, onn
         assert "top1" not in r["report"] and "accuracy" not in r["report"]
     table = (tmp_path / "r.md").read_text()
     assert all(f"{onnx_dir[0]} {name} | onnx | fp32 | PASS" in table for name in NAMES)
+    # The same dynamic artifacts at a second, non-square size (exported at 64x96).
+    code, _, stderr = cli(
+        "parity", str(backbone_files["plain"]), str(onnx_dir[0]), str(ov_dir[0]), "--imgsz", "128,64", *args
+    )
+    assert code == 0, stderr
+    for r in json.loads(report.read_text()):
+        shapes = [o["shape"] for o in r["report"]["outputs"]]
+        assert shapes == [[8, c, 128 // s, 64 // s] for c, s in zip([40, 80, 160, 320], [4, 8, 16, 32], strict=True)]
+    code, _, stderr = cli("parity", str(backbone_files["plain"]), str(onnx_dir[0]), "--imgsz", "100,64")
+    assert code == 2 and "--imgsz 100,64: each side a multiple of 32" in stderr
 
     _perturb(onnx_dir[0], tmp_path / "drift", rehash=True)
+    code, _, stderr = cli("parity", str(backbone_files["mmdet"]), str(tmp_path / "drift"), "--imgsz", "96,128", *args)
+    assert code == 1 and "parity gate failed" in stderr
     code, _, stderr = cli("parity", str(backbone_files["mmdet"]), str(tmp_path / "drift"), "--localize", *args)
     assert code == 1 and "parity gate failed" in stderr
     result = json.loads(report.read_text())[0]
@@ -225,3 +237,5 @@ def test_parity_of_a_features_artifact_uses_the_classifier_stages(layouts, tmp_p
     assert code == 0, stderr
     code, _, stderr = cli("parity", str(layouts["official"]), str(out), "--samples", "4")
     assert code == 0, stderr
+    code, _, stderr = cli("parity", str(layouts["official"]), str(out), "--imgsz", "64,96")
+    assert code == 2 and "takes only the size it was exported at" in stderr and "Traceback" not in stderr
