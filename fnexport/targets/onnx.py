@@ -164,6 +164,11 @@ class OrtRunner:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
+        # Idle pool threads sleep instead of spinning: every fnexport job runs ONNX Runtime beside other work
+        # (decoding threads in val/predict/parity, the PyTorch reference in the gate), and spinning threads take
+        # the cores that work needs. Measured on a busy 2-core machine: bench 18 -> 59-85 images/s, val 16 ->
+        # 45-49 (T0 at 224, batch 32; benchmarks/val_speed.py compares val with bench on a quiet one).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
@@ -177,6 +182,7 @@ class OrtRunner:
             "runtime": f"onnxruntime {ort.__version__}",
             "provider": self.session.get_providers()[0],
             "threads": threads or os.cpu_count(),
+            "spinning": False,
         } | ({"disabled_optimizers": list(disabled_optimizers)} if disabled_optimizers else {})
 
     def __call__(self, x: np.ndarray) -> np.ndarray | list[np.ndarray]:
