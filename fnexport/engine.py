@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 import fnexport.manifest as mf
-from fnexport.comparison import check, tolerance_for
+from fnexport.comparison import check, check_features, tolerance_for
 from fnexport.console import log, step
 from fnexport.errors import BackendUnavailable, BadInput, CheckFailed
 from fnexport.recipes import Recipe
@@ -20,8 +21,10 @@ from fnexport.targets.tensorrt import (
     EngineOptions,
     TensorRtRunner,
     build_engine,
+    engine_hw,
     engine_unavailable,
     input_digest,
+    output_names,
 )
 
 
@@ -31,9 +34,6 @@ def build_engine_dir(folder: Path, opts: EngineOptions) -> dict:
     if manifest.get("target") != "tensorrt":
         raise BadInput(f"{folder}: made for --target {manifest.get('target')}, not tensorrt")
     details = manifest["details"]
-    if manifest.get("kind") == "backbone":
-        trtexec = details.get("trtexec", "").replace("{dir}", str(folder))
-        raise BadInput(f"{folder}: a backbone; build-engine handles classifiers only so far. Build it with `{trtexec}`")
     prepared = folder / PREPARED
     if not prepared.is_file() or mf.sha256_artifact(prepared) != details["prepared"]["sha256"]:
         raise CheckFailed(f"{prepared}: missing or changed since convert wrote it; re-run fnexport convert")
@@ -41,14 +41,17 @@ def build_engine_dir(folder: Path, opts: EngineOptions) -> dict:
     if reason is not None:
         raise BackendUnavailable(f"cannot build the engine of {folder} here: {reason}")
     recipe = Recipe(**manifest["recipe"])
-    # Convert kept the reference logits: the GPU host needs the images, not the checkpoint. Checked before the
+    opts = replace(opts, profile_hw=engine_hw(recipe))  # a --dynamic-hw backbone's H/W range, as convert set it
+    # Convert kept the reference outputs: the GPU host needs the images, not the checkpoint. Checked before the
     # build, which takes minutes.
     data = parity_images(recipe)
     stored = np.load(folder / REFERENCE)
     if input_digest(data.x) != str(stored["input_sha256"]):
         raise BadInput(f"{data.source}: the parity images differ from the ones convert used; cannot compare here")
     labels = stored["labels"] if "labels" in stored else None
-    tol = tolerance_for(recipe.precision, recipe.tolerance)
+    backbone, names = manifest.get("kind") == "backbone", output_names(manifest)
+    ref = [stored[name] for name in names]
+    tol = tolerance_for(recipe.precision, recipe.tolerance, backbone=backbone)
     tmp = folder / f".{ENGINE}.tmp{os.getpid()}"
     try:
         info = build_engine(prepared, tmp, manifest["input"]["shape"], manifest["precision"], opts)
@@ -59,7 +62,11 @@ def build_engine_dir(folder: Path, opts: EngineOptions) -> dict:
             "files": sorted({*manifest.get("files", [manifest["artifact"]]), ENGINE}),
         }
         with step(f"Checking engine parity on {len(data.x)} images"):
-            report = check(TensorRtRunner(tmp, updated), data.x, stored["logits"], tol, labels)
+            runner = TensorRtRunner(tmp, updated)
+            if backbone:  # every output, each against its own reference
+                report = check_features(runner, data.x, ref, tol, names)
+            else:
+                report = check(runner, data.x, ref[0], tol, labels)
         log.info("Parity tensorrt %s engine vs PyTorch: %s", recipe.precision, report.summary())
         if not report.passed:
             raise CheckFailed(

@@ -178,6 +178,10 @@ class Recipe(_Strict):
             raise ValueError("applies only to --target tensorrt with --dynamic-hw (the engine's height/width range)")
         if not v[0] <= v[1] <= v[2] or any(side % 32 for side in v):
             raise ValueError(f"{v}: need MIN <= OPT <= MAX, each a multiple of 32 (e.g. 320,640,1344)")
+        size = hw(info.data["imgsz"]) if "imgsz" in info.data else ()
+        if any(not v[0] <= side <= v[2] for side in size):
+            # The engine's parity runs at the exported size: a profile without it fails only after the build.
+            raise ValueError(f"{v} does not cover --imgsz {','.join(map(str, size))}, where parity is checked")
         return v
 
     @field_validator("dynamic_hw")

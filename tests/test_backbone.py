@@ -105,10 +105,10 @@ def test_tensorrt_ready_onnx_has_an_hw_profile(backbone_files, fork_feat_sd, tmp
     assert "--minShapes=input:1x3x64x64 --optShapes=input:16x3x96x96 --maxShapes=input:64x3x256x256" in stderr
     assert manifest["details"]["prepared_check"]["passed"]
     assert manifest["details"]["profile_hw"] == {"height": [64, 96, 256], "width": [64, 96, 256]}
-    assert "classifiers only" in stderr and "fnexport build-engine" not in stderr
+    assert f"fnexport build-engine {out}" in stderr  # builds, checks every output, updates the manifest
     _assert_matches(_ort(out / "model.onnx"), fork_feat_sd)
     code, _, stderr = cli("build-engine", str(out))
-    assert code == 2 and "classifiers only" in stderr and f"--onnx={out}/model.onnx" in stderr
+    assert code == 3 and f"cannot build the engine of {out} here" in stderr
 
 
 def test_classifier_exported_as_backbone_with_features(layouts, t0_model, tmp_path):
@@ -134,6 +134,10 @@ def test_classifier_exported_as_backbone_with_features(layouts, t0_model, tmp_pa
         (["--target", "ncnn", "--dynamic-hw"], "--dynamic-hw: --target ncnn takes a fixed input size"),
         (["--target", "coreml"], "--target coreml: "),
         (["--profile-hw", "64,96,128", "--dynamic-hw"], "--profile-hw: applies only to --target tensorrt"),
+        (
+            ["--target", "tensorrt", "--dynamic-hw", "--imgsz", "64,96", "--profile-hw", "128,160,256"],
+            "--profile-hw: (128, 160, 256) does not cover --imgsz 64,96, where parity is checked",
+        ),
         (["--imgsz", "64,90"], "--imgsz: 90 is not a multiple of 32"),
         (["--imgsz", "64,96,128"], "--imgsz '64,96,128': give one size"),
         (["--resize", "squash"], "--resize"),

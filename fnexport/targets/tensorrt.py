@@ -288,6 +288,18 @@ def hw_profile(
     return h, w
 
 
+def engine_hw(recipe: Recipe) -> tuple[tuple[int, int, int], tuple[int, int, int]] | None:
+    """The height/width profile of a --dynamic-hw recipe's engine (convert and build-engine alike), else None."""
+    return hw_profile(recipe.hw, recipe.profile_hw) if recipe.dynamic_hw else None
+
+
+def output_names(manifest: dict) -> list[str]:
+    """The artifact's output names in order: a backbone's feature maps (stride order), or a classifier's logits."""
+    if manifest.get("kind") == "backbone":
+        return [o["name"] for o in manifest["outputs"]]
+    return [manifest["output"]["name"]]
+
+
 def hardware_level(trt: ModuleType, opts: EngineOptions, here: dict[str, str]) -> Any:
     """TensorRT's HardwareCompatibilityLevel for --hardware-compat, refusing what this TensorRT or GPU cannot build."""
     level = getattr(trt.HardwareCompatibilityLevel, HARDWARE_COMPAT[opts.hardware_compat], None)
@@ -391,8 +403,15 @@ class TensorRtRunner:
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.input = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
-        self.output = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
-        for name in (self.input, self.output):
+        found = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        # Read back in the manifest's order (a backbone's stride order), whatever order the engine lists them in.
+        self.outputs = output_names(manifest)
+        if sorted(found) != sorted(self.outputs):
+            raise FnexportError(
+                f"{engine_path}: the engine's outputs {found} are not the manifest's {self.outputs}. {rebuild}"
+            )
+        self.backbone = manifest.get("kind") == "backbone"
+        for name in (self.input, *self.outputs):
             if self.engine.get_tensor_dtype(name) != trt.DataType.FLOAT:  # the prepared ONNX keeps FP32 I/O
                 raise FnexportError(f"{engine_path}: tensor {name} is {self.engine.get_tensor_dtype(name)}, not FP32")
         shape = tuple(self.engine.get_tensor_shape(self.input))
@@ -409,48 +428,57 @@ class TensorRtRunner:
             "profile": {"min": list(low), "opt": list(opt), "max": list(high)},
         }
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray) -> np.ndarray | list[np.ndarray]:
+        """A classifier's logits, or a backbone's feature maps in the manifest's order."""
         x = np.ascontiguousarray(x, np.float32)
         inside = x.ndim == len(self.low) and all(
             lo <= d <= hi for lo, d, hi in zip(self.low[1:], x.shape[1:], self.high[1:], strict=True)
         )
         if not inside:
+            size, low, high = ("x".join(map(str, s[1:])) for s in (x.shape, self.low, self.high))
             raise BadInput(
-                f"input {x.shape[1:]} is outside the engine's profile ({self.low[1:]} to {self.high[1:]}); "
-                "convert again with the matching --imgsz"
+                f"input {size} (CxHxW) is outside the engine's profile, {low} to {high}: resize the images into it, "
+                "or convert again with that --imgsz H,W (with --dynamic-hw, a --profile-hw that covers it)"
             )
         # Batches above the profile's max run in chunks of max (parity feeds 32, bench any --batch); a chunk
         # below its min is padded with its last image and the padding's outputs dropped.
         step_, least = self.high[0], self.low[0]
-        outs = []
+        parts = []
         for start in range(0, len(x), step_):
             part = x[start : start + step_]
             n = len(part)
             if n < least:
                 part = np.concatenate([part, np.repeat(part[-1:], least - n, axis=0)])
-            outs.append(self.run(part)[:n])
-        return np.concatenate(outs)
+            parts.append([out[:n] for out in self.run(part)])
+        outs = [np.concatenate(chunks) for chunks in zip(*parts, strict=True)]
+        return outs if self.backbone else outs[0]
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        """One execute_async_v3 on a batch inside the profile."""
+    def run(self, x: np.ndarray) -> list[np.ndarray]:
+        """One execute_async_v3 on a batch inside the profile: every output, in self.outputs' order."""
         self.logger.errors.clear()
         if not self.context.set_input_shape(self.input, x.shape):
             raise FnexportError(
                 f"TensorRT refused input shape {x.shape} for {self.input!r} inside its profile "
                 f"{self.low} to {self.high}: {trt_errors(self.logger)}"
             )
-        out_shape = tuple(self.context.get_tensor_shape(self.output))
-        if min(out_shape) < 0:
-            raise FnexportError(f"TensorRT left output {self.output!r} unshaped ({out_shape}) for input {x.shape}")
-        out = np.empty(out_shape, np.float32)
-        d_in, d_out = self.cuda.buffer("input", x.nbytes), self.cuda.buffer("output", out.nbytes)
+        outs = []
+        for name in self.outputs:  # with every input shape set, the context knows each output's shape
+            shape = tuple(self.context.get_tensor_shape(name))
+            if min(shape) < 0:
+                raise FnexportError(f"TensorRT left output {name!r} unshaped ({shape}) for input {x.shape}")
+            outs.append(np.empty(shape, np.float32))
+        # One device buffer per tensor name, grown only when a larger batch or size needs it.
+        d_in = self.cuda.buffer(self.input, x.nbytes)
         self.cuda.upload(d_in, x)
         self.context.set_tensor_address(self.input, d_in)
-        self.context.set_tensor_address(self.output, d_out)
+        d_outs = [self.cuda.buffer(name, out.nbytes) for name, out in zip(self.outputs, outs, strict=True)]
+        for name, ptr in zip(self.outputs, d_outs, strict=True):
+            self.context.set_tensor_address(name, ptr)
         if not self.context.execute_async_v3(self.cuda.handle):
             raise FnexportError(f"TensorRT execute_async_v3 failed: {trt_errors(self.logger)}")
-        self.cuda.download(out, d_out)
-        return out
+        for out, ptr in zip(outs, d_outs, strict=True):
+            self.cuda.download(out, ptr)
+        return outs
 
     def close(self) -> None:
         del self.context, self.engine, self.runtime  # TensorRT objects first, then the memory they used
@@ -476,20 +504,13 @@ def trtexec_args(onnx: str, engine: str, shape: list, precision: str, opts: Engi
     return args
 
 
-def handoff(reason: str, shape: list, precision: str, opts: EngineOptions, backbone: bool = False) -> str:
+def handoff(reason: str, shape: list, precision: str, opts: EngineOptions) -> str:
     """The one line convert ends with when no engine can be built here; {dir} is the output directory."""
     trtexec = " ".join(["trtexec", *trtexec_args(f"{{dir}}/{PREPARED}", f"{{dir}}/{ENGINE}", shape, precision, opts)])
-    if backbone:
-        return f"prepared TensorRT ONNX ready in {{dir}}/{PREPARED} but no engine was built ({reason}); `{trtexec}`"
     return (
         f"prepared TensorRT ONNX ready in {{dir}}/{PREPARED} but no engine was built ({reason}); on the GPU host run "
         f"`fnexport build-engine {{dir}}` (builds, checks parity, updates the manifest) or `{trtexec}`"
     )
-
-
-# Engine building and running (TensorRtRunner, build-engine) read one output: a backbone's engine is built with the
-# trtexec line, from the prepared ONNX whose parity convert checked (every output) on ONNX Runtime.
-BACKBONE_ENGINE = "fnexport builds and checks engines of classifiers only so far; on the GPU host run"
 
 
 class TensorRtTarget:
@@ -536,25 +557,16 @@ class TensorRtTarget:
         batch = "batch" if recipe.dynamic else recipe.batch
         dims = ["height", "width"] if recipe.dynamic_hw else list(recipe.hw)
         shape = [batch, src.ckpt.config.in_chans, *dims]
-        opts = EngineOptions(profile_hw=hw_profile(recipe.hw, recipe.profile_hw) if recipe.dynamic_hw else None)
+        opts = EngineOptions(profile_hw=engine_hw(recipe))
         if opts.profile_hw is not None:
             details["profile_hw"] = {"height": list(opts.profile_hw[0]), "width": list(opts.profile_hw[1])}
         reason = engine_unavailable()
-        backbone = src.ckpt.config.features
-        if backbone:
-            details["trtexec"] = handoff("", shape, recipe.precision, opts, backbone).split("`")[1]
-            reason = f"{reason}; {BACKBONE_ENGINE}" if reason else BACKBONE_ENGINE
         if reason is not None:
-            return Exported(prepared, details, unfinished=handoff(reason, shape, recipe.precision, opts, backbone))
+            return Exported(prepared, details, unfinished=handoff(reason, shape, recipe.precision, opts))
         details["engine"] = build_engine(prepared, out_dir / ENGINE, shape, recipe.precision, opts)
         return Exported(out_dir / ENGINE, details)
 
     def runner(self, artifact: Path, manifest: dict, threads: int | None = None) -> TensorRtRunner:
-        if artifact.suffix != ".engine" and manifest.get("kind") == "backbone":
-            raise BackendUnavailable(
-                f"no TensorRT engine beside {artifact.name} (its ONNX was checked, every output, on ONNX Runtime at "
-                "convert time, see details.prepared_check): build it on the GPU host with details.trtexec"
-            )
         if artifact.suffix != ".engine":
             raise BackendUnavailable(
                 f"no TensorRT engine beside {artifact.name} yet (the prepared ONNX was checked on ONNX Runtime at convert "

@@ -3,8 +3,9 @@
 They record calls and return what TensorRT's and cuda-bindings' Python APIs return in the cases issue 21 is
 about (set_timing_cache -> False, create_timing_cache -> None, set_input_shape -> False outside the
 profile, profile shapes, 10.x/11.x version strings, deserialize_cuda_engine -> None with a logged error,
-(cudaError_t, value) tuples). The "engine" computes a made-up function of its input so that chunking and
-padding can be checked. Nothing here is TensorRT or CUDA: a test passing with these stand-ins is never
+(cudaError_t, value) tuples). The "engine" computes a made-up function of its input (one logits tensor, or a
+backbone's several feature maps, with a dynamic height/width profile if asked) so that chunking, padding, output
+order and shapes can be checked. Nothing here is TensorRT or CUDA: a test passing with these stand-ins is never
 evidence that an engine builds, loads, runs or matches PyTorch. No GPU has run fnexport's TensorRT code.
 """
 
@@ -35,6 +36,17 @@ def fake_logits(x: np.ndarray, classes: int) -> np.ndarray:
     """What the stand-in engine computes: per-image channel means, tiled and scaled per class."""
     means = x.reshape(len(x), x.shape[1], -1).mean(axis=2)
     return np.stack([means[:, k % x.shape[1]] * (k + 1) for k in range(classes)], axis=1).astype(np.float32)
+
+
+def fake_features(x: np.ndarray, features: tuple[tuple[str, int, int], ...]) -> list[np.ndarray]:
+    """What the stand-in backbone engine computes per (name, channels, stride): the input's channels average-pooled
+    over stride x stride blocks, tiled and scaled per output channel, so each map is (N, channels, H/s, W/s)."""
+    n, c, h, w = x.shape
+    outs = []
+    for _, channels, s in features:
+        pooled = x.reshape(n, c, h // s, s, w // s, s).mean(axis=(3, 5))
+        outs.append(np.stack([pooled[:, k % c] * (k + 1) for k in range(channels)], axis=1).astype(np.float32))
+    return outs
 
 
 # ---------------------------------------------------------------------------------------------- cuda.bindings
@@ -135,8 +147,13 @@ def make_tensorrt(
     refuse_shapes: bool = False,
     load_error: str | None = None,
     inspector_json: dict | None = None,
+    features: tuple[tuple[str, int, int], ...] | None = None,
+    profile_hw: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None,
 ) -> types.ModuleType:
-    """A stand-in `tensorrt` module with the behaviour switches the tests need; `trt.calls` records calls."""
+    """A stand-in `tensorrt` module with the behaviour switches the tests need; `trt.calls` records calls.
+
+    `features`: a backbone engine's outputs (name, channels, stride) in the engine's own order, instead of one
+    `logits`; `profile_hw`: (min, opt, max) of height and of width, which makes both dynamic (-1) in the engine."""
     trt = module("tensorrt")
     trt.__version__ = version
     trt.calls = []
@@ -260,31 +277,44 @@ def make_tensorrt(
             return ok
 
         def get_tensor_shape(self, name):
-            return (-1, classes) if self.shape is None else (self.shape[0], classes)
+            if name == "input":
+                return self.engine.shape if self.shape is None else self.shape
+            if features is None:
+                return (-1, classes) if self.shape is None else (self.shape[0], classes)
+            _, channels, s = next(f for f in features if f[0] == name)
+            if self.shape is None:  # an output dim that a runtime input dim decides reads -1 until it is set
+                return (-1, channels, -1, -1)
+            return (self.shape[0], channels, self.shape[2] // s, self.shape[3] // s)
 
         def set_tensor_address(self, name, ptr):
             self.addresses[name] = ptr
+            return True
 
         def execute_async_v3(self, stream):
-            record("execute_async_v3", stream)
+            record("execute_async_v3", stream, sorted(self.addresses))
             n = int(np.prod(self.shape))
             x = np.ctypeslib.as_array((ctypes.c_float * n).from_address(self.addresses["input"])).reshape(self.shape)
-            out = fake_logits(x, classes)
-            ctypes.memmove(self.addresses["logits"], out.ctypes.data, out.nbytes)
+            if features is None:
+                outs = {"logits": fake_logits(x, classes)}
+            else:
+                outs = {f[0]: out for f, out in zip(features, fake_features(x, features), strict=True)}
+            for name, out in outs.items():
+                ctypes.memmove(self.addresses[name], out.ctypes.data, out.nbytes)
             return True
 
     class Engine:
-        num_io_tensors = 2
+        names = ("input", *(["logits"] if features is None else [f[0] for f in features]))
+        num_io_tensors = len(names)
 
         def __init__(self, logger) -> None:
             self.logger = logger
-            if profile is None:
-                self.low = self.high = (1, *chw)
-            else:
-                self.low, self.high = (profile[0], *chw), (profile[2], *chw)
+            batch = profile or (1, 1, 1)
+            h, w = profile_hw or ((chw[1],) * 3, (chw[2],) * 3)
+            self.low, self.opt, self.high = ((batch[k], chw[0], h[k], w[k]) for k in range(3))
+            self.shape = (1 if profile is None else -1, chw[0], *((-1, -1) if profile_hw else chw[1:]))
 
         def get_tensor_name(self, i):
-            return ("input", "logits")[i]
+            return self.names[i]
 
         def get_tensor_mode(self, name):
             return "INPUT" if name == "input" else "OUTPUT"
@@ -293,11 +323,11 @@ def make_tensorrt(
             return "FLOAT"
 
         def get_tensor_shape(self, name):
-            return (1 if profile is None else -1, *chw)
+            return Context(self).get_tensor_shape(name)  # no input shape set: -1 wherever a runtime dim decides
 
         def get_tensor_profile_shape(self, name, index):
             record("get_tensor_profile_shape", name, index)
-            return [self.low, (profile[1], *chw), self.high]
+            return [self.low, self.opt, self.high]
 
         def create_execution_context(self):
             return Context(self)

@@ -22,15 +22,17 @@ from fnexport.data import load_images
 from fnexport.demo import DIGITS_PRE
 from fnexport.doctor import doctor
 from fnexport.engine import build_engine_dir
-from fnexport.errors import BackendUnavailable, BadInput, FnexportError
+from fnexport.errors import BackendUnavailable, BadInput, CheckFailed, FnexportError
 from fnexport.manifest import sha256_artifact
 from fnexport.model.checkpoint import load_checkpoint
 from fnexport.recipes import Recipe
+from fnexport.targets import tensorrt as tensorrt_target
 from fnexport.targets import tensorrt_cuda, tensorrt_plan
-from fnexport.targets.base import Source
+from fnexport.targets.base import Source, parity_images
 from fnexport.targets.onnx import OrtRunner
 from fnexport.targets.tensorrt import (
     ENGINE,
+    REFERENCE,
     EngineOptions,
     TensorRtRunner,
     TensorRtTarget,
@@ -54,6 +56,7 @@ from tests.targets.tensorrt_standin import (
     INSPECTOR_11,
     MAGIC,
     CudaError,
+    fake_features,
     fake_logits,
     make_cuda_utils,
     make_cudart,
@@ -616,7 +619,8 @@ def test_layer_precision_words():
     } == words
 
 
-def engine_dir(tmp_path, built: dict | None = None) -> tuple[Path, dict]:
+def engine_dir(tmp_path, built: dict | None = None, **manifest) -> tuple[Path, dict]:
+    """An engine file and the manifest fields the runner reads (a classifier's unless `manifest` says otherwise)."""
     path = tmp_path / "model.engine"
     path.write_bytes(MAGIC + b"{}")
     engine = {
@@ -626,7 +630,69 @@ def engine_dir(tmp_path, built: dict | None = None) -> tuple[Path, dict]:
         "version_compatible": False,
         "hardware_compat": "none",
     }
-    return path, {"details": {"engine": engine | (built or {})}}
+    return path, {"output": {"name": "logits"}, **manifest, "details": {"engine": engine | (built or {})}}
+
+
+# A small backbone's outputs (name, channels, stride) in stride order, as a manifest lists them.
+FEATURES = (("feat_s4", 8, 4), ("feat_s8", 16, 8), ("feat_s16", 32, 16), ("feat_s32", 64, 32))
+NAMES = [name for name, _, _ in FEATURES]
+
+
+def backbone_manifest(features=FEATURES) -> dict:
+    return {"kind": "backbone", "outputs": [{"name": n, "channels": c, "stride": s} for n, c, s in features]}
+
+
+def test_runner_returns_every_backbone_output_in_manifest_order(standin, tmp_path):
+    """The engine lists its outputs in another order; height and width are dynamic; two non-square sizes, one
+    batch above the profile's max (chunks) and one below its min (padding)."""
+    engine_order = (FEATURES[2], FEATURES[0], FEATURES[3], FEATURES[1])
+    trt, rt = standin(profile=(2, 4, 8), features=engine_order, profile_hw=((64, 96, 256), (64, 128, 256)))
+    runner = TensorRtRunner(*engine_dir(tmp_path, **backbone_manifest()))
+    assert runner.info["profile"] == {"min": [2, 3, 64, 64], "opt": [4, 3, 96, 128], "max": [8, 3, 256, 256]}
+    rng = np.random.default_rng(0)
+    for n, h, w in ((11, 96, 160), (1, 192, 64)):
+        x = rng.standard_normal((n, 3, h, w), dtype=np.float32)
+        outs = runner(x)
+        assert [o.shape for o in outs] == [(n, c, h // s, w // s) for _, c, s in FEATURES]
+        for out, ref in zip(outs, fake_features(x, FEATURES), strict=True):
+            np.testing.assert_allclose(out, ref, rtol=1e-6)
+    shapes = [c[1] for c in trt.calls if c[0] == "set_input_shape"]
+    assert shapes == [(8, 3, 96, 160), (3, 3, 96, 160), (2, 3, 192, 64)]
+    runs = [c for c in trt.calls if c[0] == "execute_async_v3"]
+    assert len(runs) == 3 and all(c[2] == sorted(["input", *NAMES]) for c in runs)  # every address set each run
+    # One buffer per tensor, allocated for the first (largest) run and reused by the smaller ones.
+    assert sum(c[0] == "cudaMalloc" for c in rt.calls) == 5
+    runner.close()
+    assert rt.memory == {}
+
+
+def test_runner_refuses_a_size_outside_the_hw_profile(standin, tmp_path):
+    trt, _ = standin(profile=(1, 16, 64), features=FEATURES, profile_hw=((64, 96, 256), (64, 96, 256)))
+    runner = TensorRtRunner(*engine_dir(tmp_path, **backbone_manifest()))
+    message = r"input 3x320x96 \(CxHxW\) is outside the engine's profile, 3x64x64 to 3x256x256: resize"
+    with pytest.raises(BadInput, match=message):
+        runner(np.zeros((1, 3, 320, 96), np.float32))
+    with pytest.raises(BadInput, match="input 3x32x96 "):
+        runner(np.zeros((2, 3, 32, 96), np.float32))
+    assert not [c for c in trt.calls if c[0] == "set_input_shape"]  # refused before TensorRT is asked
+    runner.close()
+
+
+@pytest.mark.parametrize(
+    ("features", "manifest"),
+    [
+        ((("out0", 8, 4), *FEATURES[1:]), backbone_manifest()),  # renamed
+        (FEATURES[:3], backbone_manifest()),  # one missing
+        (None, backbone_manifest()),  # a classifier's engine
+        (FEATURES, {}),  # a backbone's engine beside a classifier's manifest
+    ],
+)
+def test_runner_refuses_engine_outputs_other_than_the_manifests(standin, tmp_path, features, manifest):
+    standin(features=features)
+    path, fields = engine_dir(tmp_path, **manifest)
+    with pytest.raises(FnexportError, match=r"the engine's outputs \[.*\] are not the manifest's") as err:
+        TensorRtRunner(path, fields)
+    assert type(err.value) is FnexportError and f"fnexport build-engine {tmp_path}" in str(err.value)
 
 
 def test_runner_chunks_batches_inside_the_profile(standin, tmp_path):
@@ -817,3 +883,63 @@ def test_gpu_check_script_reads_trtexec_summary():
         "percentile(90%) = 0.7 ms, percentile(95%) = 0.8 ms, percentile(99%) = 0.85 ms\n"
     )
     assert load_check_script().trtexec_numbers(text) == {"qps": 1234.5, "latency_ms": 0.8, "compute_ms": 0.6}
+
+
+BACKBONE_ARGS = ["-t", "tensorrt", "--imgsz", "64,96", "--dynamic", "--dynamic-hw", "--profile-hw", "64,96,256"]
+# What those arguments give TensorRT: batch 1/16/64 by height and width 64/96/256 each.
+BACKBONE_PROFILE = ("input", (1, 3, 64, 64), (16, 3, 96, 96), (64, 3, 256, 256))
+
+
+def backbone_features(manifest: dict) -> tuple[tuple[str, int, int], ...]:
+    return tuple((o["name"], o["channels"], o["stride"]) for o in manifest["outputs"])
+
+
+@pytest.fixture(scope="module")
+def backbone_prepared(backbone_files, tmp_path_factory):
+    """A dynamic T0 backbone converted for TensorRT where no engine can be built: the directory build-engine takes."""
+    out = tmp_path_factory.mktemp("trt") / "backbone"
+    with pytest.MonkeyPatch.context() as mp:  # a hand-off even on a GPU host
+        mp.setattr(tensorrt_target, "engine_unavailable", lambda: "no engine in this test")
+        code, _, stderr = cli("convert", str(backbone_files["mmdet"]), *BACKBONE_ARGS, "-o", str(out))
+    assert code == 3 and f"fnexport build-engine {out}" in stderr, stderr
+    return out
+
+
+def test_build_engine_on_a_backbone_profiles_batch_and_hw_and_checks_every_output(standin, backbone_prepared, tmp_path):
+    out = tmp_path / "backbone"
+    shutil.copytree(backbone_prepared, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    features = backbone_features(manifest)
+    before = sorted(p.name for p in out.iterdir())
+    trt, _ = standin(features=features, profile_hw=((64, 96, 256), (64, 96, 256)))
+    # The stand-in's maps are not FasterNet's: every output fails against convert's reference, nothing is kept.
+    with pytest.raises(CheckFailed, match="engine parity failed") as err:
+        build_engine_dir(out, EngineOptions())
+    assert all(f"{name}: " in str(err.value) for name, _, _ in features) and len(features) == 4
+    assert ("add_optimization_profile", BACKBONE_PROFILE) in trt.calls
+    assert {c[1][2:] for c in trt.calls if c[0] == "set_input_shape"} == {(64, 96)}  # parity at the exported size
+    assert sorted(p.name for p in out.iterdir()) == before and ENGINE not in before
+    # With the reference swapped for what the stand-in computes, the same directory passes: the engine is kept and
+    # the manifest lists each output's parity (fnexport's bookkeeping only, not evidence about TensorRT).
+    stored = dict(np.load(out / REFERENCE))
+    x = parity_images(Recipe(**manifest["recipe"])).x
+    stored |= dict(zip([f[0] for f in features], fake_features(x, features), strict=True))
+    np.savez(out / REFERENCE, **stored)
+    trt, _ = standin(features=features, profile_hw=((64, 96, 256), (64, 96, 256)))
+    updated = build_engine_dir(out, EngineOptions(profile=(2, 8, 32)))
+    assert updated["artifact"] == ENGINE and (out / ENGINE).is_file() and updated["parity"]["passed"]
+    assert [o["name"] for o in updated["parity"]["outputs"]] == [f[0] for f in features]
+    assert ("add_optimization_profile", ("input", (2, 3, 64, 64), (8, 3, 96, 96), (32, 3, 256, 256))) in trt.calls
+    assert updated["details"]["engine"]["profile"] == [2, 8, 32]
+
+
+def test_convert_with_tensorrt_here_builds_a_backbone_engine(standin, backbone_files, tmp_path):
+    """Where TensorRT and a GPU are (stand-ins here), convert builds the backbone's engine and checks each output."""
+    trt, _ = standin(features=backbone_features({"outputs": load_checkpoint(backbone_files["mmdet"]).config.outputs()}),
+                     profile_hw=((64, 96, 256), (64, 96, 256)))  # fmt: skip
+    out = tmp_path / "o"
+    code, stdout, stderr = cli("convert", str(backbone_files["mmdet"]), *BACKBONE_ARGS, "-o", str(out))
+    assert code == 1 and stdout == "" and not out.exists()  # the stand-in's maps fail parity: nothing written
+    assert ("add_optimization_profile", BACKBONE_PROFILE) in trt.calls
+    error = next(line for line in stderr.splitlines() if line.startswith("error:"))
+    assert "tensorrt fp32 parity failed" in error and all(f"feat_s{s}: " in error for s in (4, 8, 16, 32))
