@@ -255,7 +255,7 @@ def artifact_configs(
         "artifact": str(path / manifest["artifact"]),
     }
     try:
-        runner = target.runner(path / manifest["artifact"], manifest, threads)
+        runner = target.runner(path / manifest["artifact"], manifest, threads, alone=True)
     except BackendUnavailable as err:
         log.warning("Skipping %s: %s", path, err)
         return [], [base | {"batch": None, "skipped": str(err)}], None

@@ -68,7 +68,9 @@ class Target(Protocol):
     packages: ClassVar[dict[str, str]]
 
     def export(self, src: Source, out_dir: Path, recipe: Recipe) -> Exported: ...
-    def runner(self, artifact: Path, manifest: dict, threads: int | None = None) -> Runner: ...
+    # `alone`: the runtime has the cores to itself (bench), so it may keep idle threads spinning for latency;
+    # otherwise (gate, val, predict: decoding threads or the PyTorch reference run beside it) it must not.
+    def runner(self, artifact: Path, manifest: dict, threads: int | None = None, alone: bool = False) -> Runner: ...
 
 
 def parity_images(recipe: Recipe) -> ImageSet:

@@ -126,7 +126,7 @@ class CoremlTarget:
         details["validation"] = validate_package(ct, path, module, src, recipe, kind, self.pconv_form)
         return Exported(path, details)
 
-    def runner(self, artifact: Path, manifest: dict, threads: int | None = None) -> CoremlRunner:
+    def runner(self, artifact: Path, manifest: dict, threads: int | None = None, alone: bool = False) -> CoremlRunner:
         return CoremlRunner(artifact, manifest)
 
 

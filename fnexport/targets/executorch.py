@@ -244,5 +244,5 @@ class ExecutorchTarget:
             path.write_bytes(edge.to_executorch().buffer)
         return Exported(path, details)
 
-    def runner(self, artifact: Path, manifest: dict, threads: int | None = None) -> PteRunner:
+    def runner(self, artifact: Path, manifest: dict, threads: int | None = None, alone: bool = False) -> PteRunner:
         return PteRunner(artifact, threads)

@@ -206,5 +206,5 @@ class NcnnTarget:
         }
         return Exported(folder, details)
 
-    def runner(self, artifact: Path, manifest: dict, threads: int | None = None) -> NcnnRunner:
+    def runner(self, artifact: Path, manifest: dict, threads: int | None = None, alone: bool = False) -> NcnnRunner:
         return NcnnRunner(artifact, manifest["details"], threads)

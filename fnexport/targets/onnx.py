@@ -159,16 +159,22 @@ def quantize_plan(src: Source, out: Path) -> dict[str, Any]:
 class OrtRunner:
     """ONNX Runtime on CPU for `.onnx` and `.ort` files."""
 
-    def __init__(self, artifact: Path, threads: int | None = None, disabled_optimizers: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        artifact: Path,
+        threads: int | None = None,
+        disabled_optimizers: tuple[str, ...] = (),
+        spinning: bool = False,
+    ) -> None:
         ort = require("onnxruntime", "onnx")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
-        # Idle pool threads sleep instead of spinning: every fnexport job runs ONNX Runtime beside other work
-        # (decoding threads in val/predict/parity, the PyTorch reference in the gate), and spinning threads take
-        # the cores that work needs. Measured on a busy 2-core machine: bench 18 -> 59-85 images/s, val 16 ->
-        # 45-49 (T0 at 224, batch 32; benchmarks/val_speed.py compares val with bench on a quiet one).
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Idle pool threads spin (ORT's default) only when ORT has the cores to itself (bench: T0 batch 1 5.7 vs
+        # 8.5 ms idle). Everywhere else fnexport runs ORT beside other work (decoding threads in val/predict/
+        # parity, the PyTorch reference in the gate) and spinning threads take the cores that work needs:
+        # on a busy 2-core machine, T0 224 batch 32 went 18 -> 59-85 images/s and val 16 -> 45-49 without.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
@@ -182,7 +188,7 @@ class OrtRunner:
             "runtime": f"onnxruntime {ort.__version__}",
             "provider": self.session.get_providers()[0],
             "threads": threads or os.cpu_count(),
-            "spinning": False,
+            "spinning": spinning,
         } | ({"disabled_optimizers": list(disabled_optimizers)} if disabled_optimizers else {})
 
     def __call__(self, x: np.ndarray) -> np.ndarray | list[np.ndarray]:
@@ -218,8 +224,8 @@ class OnnxTarget:
         details["ops"] = op_counts(path)
         return Exported(path, details)
 
-    def runner(self, artifact: Path, manifest: dict, threads: int | None = None) -> OrtRunner:
-        return OrtRunner(artifact, threads)
+    def runner(self, artifact: Path, manifest: dict, threads: int | None = None, alone: bool = False) -> OrtRunner:
+        return OrtRunner(artifact, threads, spinning=alone)
 
     def int8_plans(self, recipe: Recipe, full: bool) -> list[Int8Plan]:
         return int8_plans(recipe, full)

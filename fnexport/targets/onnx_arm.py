@@ -33,8 +33,8 @@ class OnnxArmTarget:
         details |= to_ort(onnx_path, src.workdir / "ort", out_dir)
         return Exported(out_dir / "model.ort", details)
 
-    def runner(self, artifact: Path, manifest: dict, threads: int | None = None) -> OrtRunner:
-        return OrtRunner(artifact, threads)
+    def runner(self, artifact: Path, manifest: dict, threads: int | None = None, alone: bool = False) -> OrtRunner:
+        return OrtRunner(artifact, threads, spinning=alone)
 
     def int8_plans(self, recipe: Recipe, full: bool) -> list[Int8Plan]:
         return int8_plans(recipe, full)  # the same quantizer as onnx; ARM's kernels judge it apart

@@ -263,7 +263,7 @@ class OpenVinoTarget:
     def export(self, src: Source, out_dir: Path, recipe: Recipe) -> Exported:
         return export_ir(src, out_dir, recipe)
 
-    def runner(self, artifact: Path, manifest: dict, threads: int | None = None) -> OvRunner:
+    def runner(self, artifact: Path, manifest: dict, threads: int | None = None, alone: bool = False) -> OvRunner:
         details = manifest["details"]
         return OvRunner(artifact, details["inference_precision_hint"], details["performance_hint"], threads)
 

@@ -566,7 +566,7 @@ class TensorRtTarget:
         details["engine"] = build_engine(prepared, out_dir / ENGINE, shape, recipe.precision, opts)
         return Exported(out_dir / ENGINE, details)
 
-    def runner(self, artifact: Path, manifest: dict, threads: int | None = None) -> TensorRtRunner:
+    def runner(self, artifact: Path, manifest: dict, threads: int | None = None, alone: bool = False) -> TensorRtRunner:
         if artifact.suffix != ".engine":
             raise BackendUnavailable(
                 f"no TensorRT engine beside {artifact.name} yet (the prepared ONNX was checked on ONNX Runtime at convert "
