@@ -145,10 +145,16 @@ def convert_command(
     dynamic: Annotated[bool, typer.Option("--dynamic", help="Dynamic batch dimension.")] = False,
     dynamic_hw: Annotated[
         bool,
-        typer.Option("--dynamic-hw", help="Backbones: dynamic height and width (onnx, openvino, tensorrt, onnx-arm)."),
+        typer.Option(
+            "--dynamic-hw",
+            help="Backbones: dynamic height and width (onnx, openvino, tensorrt, onnx-arm; coreml: enumerated sizes).",
+        ),
     ] = False,
     profile_hw: Annotated[
-        str | None, typer.Option(help="tensorrt --dynamic-hw: MIN,OPT,MAX height and width of the engine profile.")
+        str | None,
+        typer.Option(
+            help="--dynamic-hw: MIN,OPT,MAX height and width (tensorrt: engine profile; coreml: the sizes enumerated)."
+        ),
     ] = None,
     resize: Annotated[
         str | None, typer.Option(help="Backbones: letterbox (default), stretch or none, for --data and --calib images.")
@@ -188,7 +194,11 @@ def convert_command(
         ),
     ] = None,
     input_: Annotated[
-        str | None, typer.Option("--input", help="coreml: image (default; preprocessing built in) or tensor.")
+        str | None,
+        typer.Option(
+            "--input",
+            help="coreml: image (preprocessing built in; default for classifiers) or tensor (default for backbones).",
+        ),
     ] = None,
     labels: Annotated[
         Path | None, typer.Option(help="Class names file, one per line or a JSON list (overrides the checkpoint's).")

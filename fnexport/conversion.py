@@ -29,7 +29,7 @@ from fnexport.targets.graph import onnx_opset
 
 REPARAM_ATOL = 1e-4
 # Targets that ship backbones (several named outputs); the others refuse one before any work.
-BACKBONE_TARGETS = ("onnx", "openvino", "tensorrt", "onnx-arm", "executorch", "ncnn")
+BACKBONE_TARGETS = ("onnx", "openvino", "tensorrt", "onnx-arm", "executorch", "ncnn", "coreml")
 
 
 @dataclass

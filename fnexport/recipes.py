@@ -102,8 +102,14 @@ class BenchSpec(_Strict):
     threads: int | None = Field(None, ge=1)
 
 
-# Targets whose artifacts can take any height and width (--dynamic-hw).
-DYNAMIC_HW_TARGETS = ("onnx", "openvino", "tensorrt", "onnx-arm")
+# Targets whose artifacts take more than one height and width (--dynamic-hw); Core ML's are the enumerated
+# sizes of hw_profile, the others any size (TensorRT's within that profile).
+DYNAMIC_HW_TARGETS = ("onnx", "openvino", "tensorrt", "onnx-arm", "coreml")
+# Targets whose dynamic height/width is bounded by --profile-hw: TensorRT's optimization profile, Core ML's grid.
+PROFILE_HW_TARGETS = ("tensorrt", "coreml")
+# min/opt/max height and width when --profile-hw is not given: opt is the exported size, min and max a quarter
+# and twice it (a detector's usual range), at least 32 and at most 4096.
+HW_PROFILE_RANGE = (0.25, 2.0)
 Size = Annotated[int, Field(ge=32, le=MAX_IMGSZ)]
 
 
@@ -155,7 +161,8 @@ class Recipe(_Strict):
     deployment_target: Literal["iOS16", "iOS17", "iOS18", "macOS13", "macOS14", "macOS15"] | None = None
     # Largest absolute top-1 accuracy drop (0.01 = 1 point) INT8 may cost on the labelled calibration set.
     max_drop: float | None = Field(None, gt=0, lt=1)
-    # Core ML only: "image" (default there; preprocessing built in, apps pass pixels) or "tensor" (float NCHW).
+    # Core ML only: "image" (preprocessing built in, apps pass pixels; default for classifiers) or "tensor" (float
+    # NCHW; default for backbones, whose letterbox padding no 8-bit image holds).
     input: Literal["image", "tensor"] | None = None
 
     @field_validator("imgsz")
@@ -174,8 +181,11 @@ class Recipe(_Strict):
     def _profile_hw(cls, v: tuple[int, int, int] | None, info: ValidationInfo) -> tuple[int, int, int] | None:
         if v is None:
             return v
-        if info.data.get("target") != "tensorrt" or not info.data.get("dynamic_hw"):
-            raise ValueError("applies only to --target tensorrt with --dynamic-hw (the engine's height/width range)")
+        if info.data.get("target") not in PROFILE_HW_TARGETS or not info.data.get("dynamic_hw"):
+            raise ValueError(
+                "applies only to --target tensorrt or coreml with --dynamic-hw (the engine's height/width range, "
+                "Core ML's enumerated sizes)"
+            )
         if not v[0] <= v[1] <= v[2] or any(side % 32 for side in v):
             raise ValueError(f"{v}: need MIN <= OPT <= MAX, each a multiple of 32 (e.g. 320,640,1344)")
         size = hw(info.data["imgsz"]) if "imgsz" in info.data else ()
@@ -294,6 +304,14 @@ class Recipe(_Strict):
     @property
     def hw(self) -> tuple[int, int]:
         return hw(self.imgsz)
+
+    def hw_profile(self) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        """(min, opt, max) for height and for width: --profile-hw for both when given, else around the exported size."""
+        if self.profile_hw is not None:
+            return tuple(self.profile_hw), tuple(self.profile_hw)  # type: ignore[return-value]
+        low, high = HW_PROFILE_RANGE
+        h, w = ((max(32, int(s * low) // 32 * 32), s, min(4096, max(s, int(s * high) // 32 * 32))) for s in self.hw)
+        return h, w
 
     def pre(self) -> Preprocess:
         p = self.preprocess

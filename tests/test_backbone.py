@@ -129,11 +129,10 @@ def test_classifier_exported_as_backbone_with_features(layouts, t0_model, tmp_pa
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--target", "coreml", "--dynamic-hw"], "--dynamic-hw: --target coreml takes a fixed input size"),
         (["--target", "executorch", "--dynamic-hw"], "--dynamic-hw: --target executorch takes a fixed input size"),
         (["--target", "ncnn", "--dynamic-hw"], "--dynamic-hw: --target ncnn takes a fixed input size"),
-        (["--target", "coreml"], "--target coreml: "),
-        (["--profile-hw", "64,96,128", "--dynamic-hw"], "--profile-hw: applies only to --target tensorrt"),
+        (["--target", "coreml", "--dynamic-hw", "--dynamic"], "--dynamic: a Core ML package takes a fixed batch"),
+        (["--profile-hw", "64,96,128", "--dynamic-hw"], "--profile-hw: applies only to --target tensorrt or coreml"),
         (
             ["--target", "tensorrt", "--dynamic-hw", "--imgsz", "64,96", "--profile-hw", "128,160,256"],
             "--profile-hw: (128, 160, 256) does not cover --imgsz 64,96, where parity is checked",

@@ -1,4 +1,5 @@
-"""Core ML: an ML Program (.mlpackage) with preprocessing and labels built in; validated on Linux, run on macOS."""
+"""Core ML: an ML Program (.mlpackage) with preprocessing and labels built in (a backbone: its four feature maps);
+validated on Linux, run on macOS."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 
 from fnexport.errors import BackendUnavailable, BadInput
-from fnexport.model.fasternet import FasterNet
+from fnexport.model.fasternet import FasterNet, FasterNetConfig
 from fnexport.recipes import Recipe
 from fnexport.targets.base import Exported, Source
 from fnexport.targets.coreml_package import (
@@ -22,7 +23,9 @@ from fnexport.targets.coreml_package import (
     INPUT_TENSOR,
     OUTPUT_NAME,
     WEIGHT_THRESHOLD,
+    enumerated_hw,
     load_coremltools,
+    output_names,
     quiet,
     validate_package,
 )
@@ -67,8 +70,12 @@ class _Classifier(torch.nn.Module):
         return logits, torch.softmax(logits, dim=1)
 
 
-def input_kind(recipe: Recipe) -> str:
-    return recipe.input or "image"
+def input_kind(recipe: Recipe, cfg: FasterNetConfig) -> str:
+    """--input, else an image for a classifier and a tensor for a backbone."""
+    # A detector pads its letterbox with zeros after normalisation: the mean colour, which no 8-bit image
+    # holds. Rounded to 8 bits it moved the test backbone's outputs by 2.4e-3..3.1e-3 of their range
+    # (64x96, 32 letterboxed embedded:natural images), 24x the fp32 gate; the app has the tensor anyway.
+    return recipe.input or ("tensor" if cfg.features else "image")
 
 
 def fold_std(model: FasterNet, std: tuple[float, float, float]) -> FasterNet:
@@ -92,8 +99,13 @@ class CoremlTarget:
 
     def export(self, src: Source, out_dir: Path, recipe: Recipe) -> Exported:
         ct = load_coremltools()
-        kind = input_kind(recipe)
-        if recipe.dynamic or (recipe.batch != 1 and (kind == "image" or src.ckpt.labels)):
+        kind = input_kind(recipe, src.ckpt.config)
+        if recipe.dynamic:
+            raise BadInput(
+                "--dynamic: a Core ML package takes a fixed batch (several images: predict([...]) / "
+                "MLBatchProvider); drop --dynamic (--batch N sets it; 1 for image inputs and classifiers)"
+            )
+        if recipe.batch != 1 and (kind == "image" or src.ckpt.labels):
             raise BadInput(
                 "--target coreml: image inputs and classifiers take one image per prediction "
                 "(batch with predict([...]) / MLBatchProvider); use --batch 1 without --dynamic"
@@ -103,10 +115,15 @@ class CoremlTarget:
         if kind == "image":
             model = fold_std(model, recipe.preprocess.std)
         module: torch.nn.Module = _Classifier(model).eval() if src.ckpt.labels else model
-        x = torch.zeros(recipe.batch, src.ckpt.config.in_chans, recipe.imgsz, recipe.imgsz)
+        x = torch.zeros(recipe.batch, src.ckpt.config.in_chans, *recipe.hw)
+        # --dynamic-hw: height and width symbolic (multiples of 32) in the program; coremltools replaces them
+        # with the enumerated sizes (it refuses sizes that contradict a static dimension of the program).
+        dims = {2: 32 * torch.export.Dim("h32"), 3: 32 * torch.export.Dim("w32")}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.export's own deprecation notices, not the user's concern
-            program = torch.export.export(module, (x,)).run_decompositions({})
+            program = torch.export.export(
+                module, (x,), dynamic_shapes={"x": dims} if recipe.dynamic_hw else None
+            ).run_decompositions({})
         mlmodel, compression = to_mlprogram(ct, program, src, recipe, kind)
         details: dict[str, Any] = {
             "conversion": f"{CONVERSION} of the {self.pconv_form} model, then coremltools {ct.__version__}",
@@ -118,6 +135,8 @@ class CoremlTarget:
             "classifier": bool(src.ckpt.labels),
             "pconv_form": self.pconv_form,
         }
+        if recipe.dynamic_hw:
+            details["enumerated_hw"] = [list(size) for size in enumerated_hw(recipe)]
         if compression:
             details["compression"] = compression
         describe(mlmodel, src, recipe, kind, details)
@@ -142,7 +161,9 @@ def to_mlprogram(
 ) -> tuple[Any, dict[str, Any] | None]:
     """Exported program -> MIL program -> (compressed) -> ML Program, with the classifier added last."""
     spec = PRECISIONS[recipe.precision]
-    shape = (recipe.batch, src.ckpt.config.in_chans, recipe.imgsz, recipe.imgsz)
+    shape: Any = (recipe.batch, src.ckpt.config.in_chans, *recipe.hw)
+    if recipe.dynamic_hw:
+        shape = ct.EnumeratedShapes([(*shape[:2], *size) for size in enumerated_hw(recipe)], default=shape)
     if kind == "image":
         inp = ct.ImageType(
             name=INPUT_IMAGE,
@@ -153,7 +174,7 @@ def to_mlprogram(
         )
     else:
         inp = ct.TensorType(name=INPUT_TENSOR, shape=shape, dtype=np.float32)
-    outputs = [ct.TensorType(name=OUTPUT_NAME, dtype=np.float32)]
+    outputs = [ct.TensorType(name=name, dtype=np.float32) for name in output_names(src.ckpt.config)]
     if src.ckpt.labels:
         outputs.append(ct.TensorType(name="probabilities", dtype=np.float32))
     common = {
@@ -161,7 +182,9 @@ def to_mlprogram(
         "compute_precision": ct.precision.FLOAT16 if spec["compute"] == "fp16" else ct.precision.FLOAT32,
     }
     with quiet():
-        prog = ct.convert(program, inputs=[inp], outputs=outputs, convert_to="milinternal", **common)
+        prog = ct.convert(
+            program, inputs=[inp], outputs=outputs, convert_to="milinternal", pass_pipeline=passes(ct), **common
+        )
         compression = compress(prog, recipe.precision) if spec["compress"] else None
         classifier = None
         if src.ckpt.labels:
@@ -170,7 +193,19 @@ def to_mlprogram(
             # output, which parity needs (the probabilities lose small logits to FP16).
             prog.functions["main"].set_output_types(None)
             classifier = ct.ClassifierConfig(list(src.ckpt.labels), predicted_probabilities_output="probabilities")
-        return ct.convert(prog, classifier_config=classifier, convert_to="mlprogram", **common), compression
+        mlmodel = ct.convert(
+            prog, classifier_config=classifier, convert_to="mlprogram", pass_pipeline=passes(ct), **common
+        )
+        return mlmodel, compression
+
+
+def passes(ct: ModuleType) -> Any:
+    """coremltools' default graph passes but one: a backbone's norm x * scale + shift stays a mul and an add."""
+    # fuse_elementwise_to_batchnorm would turn each of norm0/2/4/6 (reparam.ChannelAffine) into a batch_norm op
+    # whose new constants no longer carry the model's names: the batch_norm ban and the weight check would fail.
+    pipeline = ct.PassPipeline.DEFAULT  # a new pipeline each time (ct.convert edits the one it is given)
+    pipeline.remove_passes({"common::fuse_elementwise_to_batchnorm"})
+    return pipeline
 
 
 def compress(prog: Any, precision: str) -> dict[str, Any]:
@@ -201,21 +236,39 @@ def describe(mlmodel: Any, src: Source, recipe: Recipe, kind: str, details: dict
     mlmodel.author = f"Converted by fnexport {__version__} from {Path(source['path']).name}"
     mlmodel.version = (source["sha256"] or source["layout"])[:12]
     mlmodel.license = "As the source checkpoint's license (fnexport does not record it)"
+    h, w = recipe.hw
+    sizes = f"{h}x{w}"
+    if recipe.dynamic_hw:
+        sizes = f"{sizes} or any of " + ", ".join(f"{a}x{b}" for a, b in enumerated_hw(recipe))
+    maps = ", ".join(f"{o['name']}: {o['channels']} channels, stride {o['stride']}" for o in cfg.outputs())
+    what = f"backbone (feature maps {maps}" if cfg.features else f"image classifier ({cfg.num_classes} classes"
     mlmodel.short_description = (
-        f"FasterNet {cfg.variant} image classifier ({cfg.num_classes} classes, {recipe.imgsz}x{recipe.imgsz} RGB), "
-        f"{recipe.precision} weights. Checkpoint sha256 {source['sha256'] or 'none (random init)'}."
+        f"FasterNet {cfg.variant} {what}; {sizes} RGB, height x width), {recipe.precision} weights. "
+        f"Checkpoint sha256 {source['sha256'] or 'none (random init)'}."
     )
-    p = recipe.preprocess
+    p = recipe.pre()
+    resized = (
+        f"resized with resize={p.resize!r} (letterbox: fit inside keeping the aspect, top-left, zero padding after "
+        "normalisation)"
+        if cfg.features
+        else f"resized and center-cropped (crop {p.crop_pct}, {p.interpolation})"
+    )
     if kind == "image":
         mlmodel.input_description[INPUT_IMAGE] = (
-            f"RGB image, {recipe.imgsz}x{recipe.imgsz}, resized and center-cropped (crop {p.crop_pct}, "
-            f"{p.interpolation}); normalisation with mean {list(p.mean)} and std {list(p.std)} is built in"
+            f"RGB image, {sizes} (height x width), {resized}; normalisation with mean {list(p.mean)} and std "
+            f"{list(p.std)} is built in"
         )
     else:
         mlmodel.input_description[INPUT_TENSOR] = (
-            f"float32 NCHW RGB, (pixel/255 - {list(p.mean)}) / {list(p.std)}, after resize and center crop"
+            f"float32 NCHW RGB, (pixel/255 - {list(p.mean)}) / {list(p.std)}, {resized}"
         )
-    mlmodel.output_description[OUTPUT_NAME] = "raw class scores (before softmax)"
+    if cfg.features:
+        for o in cfg.outputs():
+            mlmodel.output_description[o["name"]] = (
+                f"feature map, {o['channels']} channels, 1/{o['stride']} of the input's height and width"
+            )
+    else:
+        mlmodel.output_description[OUTPUT_NAME] = "raw class scores (before softmax)"
     meta = mlmodel.user_defined_metadata
     for key, value in onnx_metadata(src.ckpt, recipe).items():
         meta[key] = value
@@ -224,7 +277,8 @@ def describe(mlmodel: Any, src: Source, recipe: Recipe, kind: str, details: dict
 
 
 class CoremlRunner:
-    """Core ML prediction (macOS only): normalised NCHW in, logits out; images go back to pixels first."""
+    """Core ML prediction (macOS only): normalised NCHW in, logits (a backbone: its outputs in manifest order) out;
+    images go back to pixels first."""
 
     def __init__(self, artifact: Path, manifest: dict) -> None:
         if platform.system() != "Darwin":
@@ -239,24 +293,34 @@ class CoremlRunner:
         units = ct.ComputeUnit.CPU_ONLY if precision == "fp32" else ct.ComputeUnit.ALL
         self.model = ct.models.MLModel(str(artifact), compute_units=units)
         self.image = details.get("input", "image") == "image"
+        self.outputs = [o["name"] for o in manifest["outputs"]] if "outputs" in manifest else None
         self.mean = np.array(manifest["input"]["mean"], np.float32)[:, None, None]
         self.std = np.array(manifest["input"]["std"], np.float32)[:, None, None]
         shape = manifest["input"]["shape"]
         self.batch = shape[0] if isinstance(shape[0], int) else None
         self.info = {"runtime": f"Core ML via coremltools {ct.__version__}", "compute_units": units.name}
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray) -> np.ndarray | list[np.ndarray]:
         from PIL import Image
 
+        names = self.outputs or [OUTPUT_NAME]
         if not self.image:
-            return np.asarray(self.model.predict({INPUT_TENSOR: x.astype(np.float32)})[OUTPUT_NAME], np.float32)
-        outs = []
-        for img in x:
-            # Parity images are 8-bit pictures normalised by fnexport, so this recovers their pixels exactly.
-            pixels = np.clip(np.rint((img * self.std + self.mean) * 255), 0, 255).astype(np.uint8)
-            out = self.model.predict({INPUT_IMAGE: Image.fromarray(pixels.transpose(1, 2, 0))})[OUTPUT_NAME]
-            outs.append(np.asarray(out, np.float32).reshape(-1))
-        return np.stack(outs)
+            out = self.model.predict({INPUT_TENSOR: x.astype(np.float32)})
+            arrays = [np.asarray(out[n], np.float32) for n in names]
+        else:
+            preds = []
+            for img in x:
+                # Parity images are 8-bit pictures normalised by fnexport, so this recovers their pixels exactly
+                # (a letterbox's padding, the mean colour, to the nearest 8-bit value).
+                pixels = np.clip(np.rint((img * self.std + self.mean) * 255), 0, 255).astype(np.uint8)
+                preds.append(self.model.predict({INPUT_IMAGE: Image.fromarray(pixels.transpose(1, 2, 0))}))
+            arrays = [np.concatenate([self._one(p[n]) for p in preds]) for n in names]
+        return arrays if self.outputs else arrays[0]
+
+    def _one(self, value: Any) -> np.ndarray:
+        """One image's output as a batch of one: logits (1, classes), a feature map (1, C, h, w)."""
+        out = np.asarray(value, np.float32)
+        return out.reshape(1, *out.shape[-3:]) if self.outputs else out.reshape(1, -1)
 
     def close(self) -> None:
         del self.model

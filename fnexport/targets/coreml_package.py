@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from fnexport.comparison import compare, reference, tolerance_for
+from fnexport.comparison import compare, compare_features, feature_reference, tolerance_for
 from fnexport.console import log, require
 from fnexport.errors import CheckFailed
+from fnexport.model.fasternet import FasterNetConfig
 from fnexport.recipes import Recipe
 from fnexport.targets.base import Source
 
@@ -39,6 +40,19 @@ WEIGHT_TOLERANCE = {
 }
 COMPRESSED_STORAGE = {"int8": "int8", "int4": "int4", "palettize8": "lut8", "palettize4": "lut4"}
 FORBIDDEN_OPS = ("batch_norm", "scatter", "scatter_nd", "scatter_along_axis", "slice_update")
+
+
+def output_names(cfg: FasterNetConfig) -> list[str]:
+    """The package's model outputs in order: a backbone's feature maps by stride, or a classifier's logits."""
+    return [o["name"] for o in cfg.outputs()] if cfg.features else [OUTPUT_NAME]
+
+
+def enumerated_hw(recipe: Recipe) -> list[tuple[int, int]]:
+    """--dynamic-hw's (height, width) sizes: the exported one first (the package's default), then every pair of
+    the profile's heights and widths (--profile-hw MIN,OPT,MAX, else a quarter, the size and twice it)."""
+    heights, widths = recipe.hw_profile()
+    grid = [(h, w) for h in sorted(set(heights)) for w in sorted(set(widths))]
+    return list(dict.fromkeys([recipe.hw, *grid]))
 
 
 def load_coremltools() -> ModuleType:
@@ -92,7 +106,7 @@ def validate_package(
 ) -> dict[str, Any]:
     """Everything checkable without Core ML's runtime: I/O, ops, weight storage and values, weights-only parity."""
     spec, ops, prog = package_weights(ct, path)
-    report: dict[str, Any] = {"io": check_io(spec, src, recipe, kind)}
+    report: dict[str, Any] = {"io": check_io(spec, prog, src, recipe, kind)}
     histogram = Counter(op.op_type for op in prog.functions["main"].operations)
     report["ops"] = dict(histogram.most_common())
     bad = {op: histogram[op] for op in FORBIDDEN_OPS if histogram[op]}
@@ -108,13 +122,16 @@ def validate_package(
     return report
 
 
-def check_io(spec: Any, src: Source, recipe: Recipe, kind: str) -> dict[str, Any]:
-    """The spec's inputs and outputs are what an app and the runner expect."""
-    desc = spec.description
+def check_io(spec: Any, prog: Any, src: Source, recipe: Recipe, kind: str) -> dict[str, Any]:
+    """The spec's inputs and outputs are what an app and the runner expect, and the program's outputs agree."""
+    from coremltools.converters.mil.mil.types.symbolic import is_symbolic
+
+    cfg, desc = src.ckpt.config, spec.description
     inputs = {f.name: f.type.WhichOneof("Type") for f in desc.input}
     outputs = {f.name: f.type.WhichOneof("Type") for f in desc.output}
     expected_in = {INPUT_IMAGE: "imageType"} if kind == "image" else {INPUT_TENSOR: "multiArrayType"}
-    expected_out = {OUTPUT_NAME: "multiArrayType"}
+    names = output_names(cfg)
+    expected_out = dict.fromkeys(names, "multiArrayType")
     if src.ckpt.labels:
         expected_out |= {"classLabel": "stringType", "classLabel_probs": "dictionaryType"}
     problems = []
@@ -122,21 +139,46 @@ def check_io(spec: Any, src: Source, recipe: Recipe, kind: str) -> dict[str, Any
         problems.append(f"inputs {inputs} != {expected_in}")
     if outputs != expected_out:
         problems.append(f"outputs {outputs} != {expected_out}")
+    (h, w), batch = recipe.hw, recipe.batch
+    sizes = enumerated_hw(recipe) if recipe.dynamic_hw else []
     feature = desc.input[0].type
     if kind == "image":
         img = feature.imageType
-        if (img.width, img.height) != (recipe.imgsz, recipe.imgsz) or img.colorSpace != img.RGB:
-            problems.append(f"image input {img.width}x{img.height} colour space {img.colorSpace}, not RGB")
-    elif list(feature.multiArrayType.shape) != [recipe.batch, src.ckpt.config.in_chans, recipe.imgsz, recipe.imgsz]:
-        problems.append(f"tensor input shape {list(feature.multiArrayType.shape)}")
-    logits = next(f for f in desc.output if f.name == OUTPUT_NAME).type.multiArrayType
-    if list(logits.shape) != [recipe.batch, src.ckpt.config.num_classes] or logits.dataType != logits.FLOAT32:
-        problems.append(f"logits shape {list(logits.shape)} dtype {logits.dataType}, not float32")
+        enumerated = [(s.height, s.width) for s in img.enumeratedSizes.sizes]
+        if (img.height, img.width) != (h, w) or img.colorSpace != img.RGB:
+            problems.append(f"image input {img.height}x{img.width} (HxW) colour space {img.colorSpace}, not RGB")
+    else:
+        array = feature.multiArrayType
+        shapes = [list(s.shape) for s in array.enumeratedShapes.shapes]
+        enumerated = [tuple(s[2:]) for s in shapes if s[:2] == [batch, cfg.in_chans]]
+        if list(array.shape) != [batch, cfg.in_chans, h, w] or len(enumerated) != len(shapes):
+            problems.append(f"tensor input shape {list(array.shape)}, enumerated {shapes}")
+    if enumerated != sizes:
+        problems.append(f"enumerated sizes {enumerated} != {sizes}")
+    # A fixed package states each output's shape; an enumerated one leaves them to the runtime, so the program
+    # must keep height and width symbolic (a size baked in would break the other enumerated sizes).
+    program = {v.name: list(v.shape) for v in prog.functions["main"].outputs}
+    if cfg.features:
+        if [f.name for f in desc.output] != names:
+            problems.append(f"output order {[f.name for f in desc.output]} != {names}")
+        for o in cfg.outputs():
+            want: list = [batch, o["channels"], h // o["stride"], w // o["stride"]]
+            got = [("symbolic" if is_symbolic(d) else d) for d in program.get(o["name"], [])]
+            stated = next((list(f.type.multiArrayType.shape) for f in desc.output if f.name == o["name"]), None)
+            if recipe.dynamic_hw:
+                want = want[:2] + ["symbolic"] * 2
+            if got != want or stated != ([] if recipe.dynamic_hw else want):
+                problems.append(f"{o['name']}: program shape {got}, spec shape {stated}, expected {want}")
+    else:
+        logits = next(f for f in desc.output if f.name == OUTPUT_NAME).type.multiArrayType
+        if list(logits.shape) != [batch, cfg.num_classes] or logits.dataType != logits.FLOAT32:
+            problems.append(f"logits shape {list(logits.shape)} dtype {logits.dataType}, not float32")
     if src.ckpt.labels and desc.predictedFeatureName != "classLabel":
         problems.append(f"predictedFeatureName {desc.predictedFeatureName!r}")
     if problems:
         raise CheckFailed("Core ML spec: " + "; ".join(problems))
-    return {"inputs": inputs, "outputs": outputs}
+    shapes_out = {n: [("symbolic" if is_symbolic(d) else d) for d in program[n]] for n in names}
+    return {"inputs": inputs, "outputs": outputs, "program_output_shapes": shapes_out}
 
 
 def check_weights(ops: dict[str, tuple[str, Any]], module: torch.nn.Module, precision: str) -> dict[str, Any]:
@@ -149,8 +191,8 @@ def check_weights(ops: dict[str, tuple[str, Any]], module: torch.nn.Module, prec
     stored: dict[str, str] = {}
     kept, problems = [], []
     for name, param in module.state_dict().items():
-        base = "p_" + name.replace(".", "_")  # torch.export names parameters p_<path>
-        names = [base + s + c for s in ("", "_to_fp16") for c in ("", "_quantized", "_palettized")]
+        base = name.replace(".", "_")  # torch.export names parameters p_<path>, buffers (norm scales) b_<path>
+        names = [f"{p}_{base}{s}{c}" for p in "pb" for s in ("", "_to_fp16") for c in ("", "_quantized", "_palettized")]
         matches = [n for n in names if n in ops]
         if len(matches) != 1:
             problems.append(f"{name}: {len(matches)} matching weights in the package")
@@ -210,9 +252,13 @@ def weights_only_parity(
         )
         pixels = (x * std + mean) * 255
         x = (pixels * pre[0] + np.array(pre[1], np.float32)[None, :, None, None]).astype(np.float32)
-    report = compare(
-        src.reference(), reference(model, x), tolerance_for(recipe.precision, recipe.tolerance), src.labels()
-    )
+    cfg = src.ckpt.config
+    tol = tolerance_for(recipe.precision, recipe.tolerance, backbone=cfg.features)
+    outs = feature_reference(model, x)  # the model's outputs (a backbone's four), each over every image
+    if cfg.features:
+        report = compare_features(src.reference(), outs, tol, output_names(cfg))
+    else:
+        report = compare(src.reference(), outs[0], tol, src.labels())
     if not report.passed:
         raise CheckFailed(
             f"coreml {recipe.precision}: PyTorch with the package's weights already fails parity: "

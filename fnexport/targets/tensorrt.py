@@ -67,9 +67,6 @@ ORT_FP16_QDQ_BUG = ("WeightBiasQuantization",)
 HARDWARE_COMPAT = {"none": "NONE", "ampere+": "AMPERE_PLUS", "same-cc": "SAME_COMPUTE_CAPABILITY"}
 TRTEXEC_HARDWARE = {"ampere+": "ampere+", "same-cc": "sameComputeCapability"}  # --hardwareCompatibilityLevel
 DYNAMIC_PROFILE = (1, 16, 64)  # min/opt/max batch of a --dynamic engine; parity feeds chunks of 32
-# min/opt/max height and width of a --dynamic-hw engine when --profile-hw is not given: opt is the exported
-# size, min and max a quarter and twice it (a detector's usual range), at least 32 and at most 4096.
-HW_PROFILE_RANGE = (0.25, 2.0)
 
 
 @dataclass(frozen=True)
@@ -82,7 +79,7 @@ class EngineOptions:
     hardware_compat: str = "none"
     timing_cache: Path | None = None  # default: one file per TensorRT version and GPU in fnexport's cache
     profile: tuple[int, int, int] | None = None  # dynamic batch min/opt/max; default DYNAMIC_PROFILE
-    # Dynamic height/width: (min, opt, max) per dimension; default from the exported size (hw_profile).
+    # Dynamic height/width: (min, opt, max) per dimension; default from the exported size (Recipe.hw_profile).
     profile_hw: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None
 
     def __post_init__(self) -> None:
@@ -277,20 +274,9 @@ def profile_shapes(shape: list, opts: EngineOptions) -> tuple[tuple[int, ...], .
     return tuple(tuple(ranges[d][k] if d in ranges else int(shape[d]) for d in range(len(shape))) for k in range(3))
 
 
-def hw_profile(
-    size: tuple[int, int], given: tuple[int, int, int] | None = None
-) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """(min, opt, max) for height and for width: --profile-hw for both when given, else around the exported size."""
-    if given is not None:
-        return tuple(given), tuple(given)  # type: ignore[return-value]
-    low, high = HW_PROFILE_RANGE
-    h, w = ((max(32, int(s * low) // 32 * 32), s, min(4096, max(s, int(s * high) // 32 * 32))) for s in size)
-    return h, w
-
-
 def engine_hw(recipe: Recipe) -> tuple[tuple[int, int, int], tuple[int, int, int]] | None:
     """The height/width profile of a --dynamic-hw recipe's engine (convert and build-engine alike), else None."""
-    return hw_profile(recipe.hw, recipe.profile_hw) if recipe.dynamic_hw else None
+    return recipe.hw_profile() if recipe.dynamic_hw else None
 
 
 def output_names(manifest: dict) -> list[str]:

@@ -184,3 +184,115 @@ def test_prediction_parity_on_macos(digits_ckpt, digits_dirs, precision, tmp_pat
     parity = manifest["parity"]
     assert parity["passed"] and parity["top1"] >= 0.98
     assert np.isfinite(parity["max_abs"])
+
+
+NAMES = ["feat_s4", "feat_s8", "feat_s16", "feat_s32"]
+CHANNELS = [40, 80, 160, 320]  # the fork_feat T0 of tests/conftest.py
+STRIDES = [4, 8, 16, 32]
+
+
+@pytest.fixture(scope="module")
+def backbone_packages(backbone_files, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
+    """The fork_feat T0 at 64x96 (not square): fp32 (tensor input, the backbone default) and fp16 image input."""
+    ckpt = load_checkpoint(backbone_files["plain"])
+    out = tmp_path_factory.mktemp("coreml_backbone")
+    recipes = {
+        "fp32": Recipe(target="coreml", precision="fp32", imgsz=(64, 96), parity_samples=8),
+        "fp16": Recipe(target="coreml", precision="fp16", imgsz=(64, 96), parity_samples=8, input="image"),
+    }
+    return {p: convert(ckpt, r.fit(ckpt.config), out / p) for p, r in recipes.items()}
+
+
+def spec_of(package: Path):
+    return load_coremltools().models.MLModel(str(package), skip_model_load=True).get_spec()
+
+
+def test_backbone_package_has_the_four_outputs_in_stride_order(backbone_packages):
+    out, manifest = backbone_packages["fp32"]
+    assert manifest["kind"] == "backbone" and manifest["labels"] is None
+    assert [o["name"] for o in manifest["outputs"]] == NAMES
+    assert [o["shape"] for o in manifest["outputs"]] == [
+        [1, c, 64 // s, 96 // s] for c, s in zip(CHANNELS, STRIDES, strict=True)
+    ]
+    spec = spec_of(out / manifest["artifact"])
+    assert spec.WhichOneof("Type") == "mlProgram"
+    desc = spec.description
+    assert [f.name for f in desc.input] == ["input"]
+    array = desc.input[0].type.multiArrayType
+    assert list(array.shape) == [1, 3, 64, 96] and array.WhichOneof("ShapeFlexibility") is None
+    assert [f.name for f in desc.output] == NAMES
+    for f, c, s in zip(desc.output, CHANNELS, STRIDES, strict=True):
+        assert list(f.type.multiArrayType.shape) == [1, c, 64 // s, 96 // s]
+        assert f.type.multiArrayType.dataType == f.type.multiArrayType.FLOAT32
+    # No classifier config: no predicted feature, no classify op anywhere in the program.
+    assert desc.predictedFeatureName == "" and desc.predictedProbabilitiesName == ""
+    blocks = spec.mlProgram.functions["main"].block_specializations.values()
+    ops = [op.type for block in blocks for op in block.operations]
+    assert "classify" not in ops and "batch_norm" not in ops and "softmax" not in ops
+    meta = desc.metadata
+    assert "backbone" in meta.shortDescription and "classifier" not in meta.shortDescription
+    assert "feat_s4: 40 channels, stride 4" in meta.shortDescription and "64x96" in meta.shortDescription
+    # The MIL program read back from the package states the same four shapes.
+    _, _, prog = package_weights(load_coremltools(), out / manifest["artifact"])
+    program = {v.name: list(v.shape) for v in prog.functions["main"].outputs}
+    assert program == {o["name"]: o["shape"] for o in manifest["outputs"]}
+
+
+def test_backbone_weights_and_norms_are_in_the_package(backbone_packages, backbone_files):
+    """Every weight, the norms' per-channel scale and shift included (as mul + add), and per-output
+    weights-only parity; Core ML itself did not run (Linux)."""
+    _, manifest = backbone_packages["fp32"]
+    val = manifest["details"]["validation"]
+    assert val["ops"]["mul"] >= 4 and val["ops"]["add"] >= 4 and "batch_norm" not in val["ops"]
+    folded = reparameterize(load_checkpoint(backbone_files["plain"]).model).state_dict()
+    assert sum(k.startswith("norm") for k in folded) == 8  # norm0/2/4/6 as scale and shift
+    assert (
+        val["weights"]["storage"] == {"fp32": len(folded)} and val["weights"]["relative_errors"]["fp32"]["worst"] == 0
+    )
+    wop = val["weights_only_parity"]
+    assert [o["name"] for o in wop["outputs"]] == NAMES
+    assert all(o["passed"] and o["max_rel"] < 1e-5 for o in wop["outputs"])
+    assert "top1" not in wop
+    if not ON_MAC:
+        assert manifest["parity"]["ran"] is False and "macOS" in manifest["parity"]["reason"]
+
+
+def test_backbone_image_input_is_non_square(backbone_packages):
+    out, manifest = backbone_packages["fp16"]
+    img = spec_of(out / manifest["artifact"]).description.input[0].type.imageType
+    assert (img.height, img.width) == (64, 96) and img.WhichOneof("SizeFlexibility") is None
+    val = manifest["details"]["validation"]
+    assert val["io"]["inputs"] == {"image": "imageType"}
+    assert val["image_preprocessing"]["bias"] == pytest.approx([-m for m in manifest["input"]["mean"]])
+    assert all(o["passed"] for o in val["weights_only_parity"]["outputs"])
+
+
+def test_backbone_dynamic_hw_enumerates_sizes_int8(backbone_files, tmp_path):
+    """--dynamic-hw on Core ML: the 3x3 grid of --profile-hw's sizes, the exported size first (the default)."""
+    code, stdout, stderr = cli(
+        "convert", str(backbone_files["mmdet"]), "-t", "coreml", "-p", "int8", "--imgsz", "64,96", "--dynamic-hw",
+        "--profile-hw", "64,96,128", "-o", str(tmp_path / "d"), "--json",
+    )  # fmt: skip
+    assert code == 0, stderr
+    manifest = json.loads(stdout)
+    sizes = [[64, 96], [64, 64], [64, 128], [96, 64], [96, 96], [96, 128], [128, 64], [128, 96], [128, 128]]
+    assert manifest["details"]["enumerated_hw"] == sizes
+    assert manifest["input"]["shape"] == [1, 3, "height", "width"] and manifest["input"]["dynamic_hw"] is True
+    assert manifest["outputs"][0]["shape"] == [1, 40, "height/4", "width/4"]
+    desc = spec_of(tmp_path / "d" / manifest["artifact"]).description
+    array = desc.input[0].type.multiArrayType
+    assert list(array.shape) == [1, 3, 64, 96]  # the default
+    assert [list(s.shape) for s in array.enumeratedShapes.shapes] == [[1, 3, h, w] for h, w in sizes]
+    assert [f.name for f in desc.output] == NAMES
+    val = manifest["details"]["validation"]
+    # Nothing in the program is specialised to 64x96: height and width of every output stay symbolic.
+    shapes = val["io"]["program_output_shapes"]
+    assert [shapes[n] for n in NAMES] == [[1, c, "symbolic", "symbolic"] for c in CHANNELS]
+    assert val["weights"]["storage"]["int8"] > 0 and all(o["passed"] for o in val["weights_only_parity"]["outputs"])
+
+
+@pytest.mark.skipif(ON_MAC, reason="Core ML prediction works on macOS")
+def test_backbone_runner_is_unavailable_off_macos(backbone_packages):
+    out, manifest = backbone_packages["fp32"]
+    with pytest.raises(BackendUnavailable, match="macOS"):
+        CoremlTarget().runner(out / manifest["artifact"], manifest)
