@@ -218,6 +218,12 @@ def check_size(imgsz: tuple[int, int], verified: list[tuple[Path, dict]]) -> Non
                 f"--imgsz {imgsz[0]},{imgsz[1]}: {d} takes only the size it was exported at; --imgsz checks "
                 "backbone artifacts converted with --dynamic-hw (leave it out for this one)"
             )
+        sizes = manifest.get("details", {}).get("enumerated_hw")  # Core ML: only the sizes it enumerates
+        if sizes and list(imgsz) not in sizes:
+            raise BadInput(
+                f"--imgsz {imgsz[0]},{imgsz[1]}: {d} takes only the sizes it enumerates; choose one of "
+                + " ".join(f"{h},{w}" for h, w in sizes)
+            )
 
 
 def preprocess_of(manifest: dict, imgsz: tuple[int, int] | None = None) -> Preprocess:

@@ -289,6 +289,12 @@ def test_backbone_dynamic_hw_enumerates_sizes_int8(backbone_files, tmp_path):
     shapes = val["io"]["program_output_shapes"]
     assert [shapes[n] for n in NAMES] == [[1, c, "symbolic", "symbolic"] for c in CHANNELS]
     assert val["weights"]["storage"]["int8"] > 0 and all(o["passed"] for o in val["weights_only_parity"]["outputs"])
+    # The gate checks other sizes of a --dynamic-hw artifact, but a Core ML one only at the sizes it enumerates.
+    code, _, stderr = cli("parity", str(backbone_files["mmdet"]), str(tmp_path / "d"), "--imgsz", "128,32")
+    assert code == 2 and "takes only the sizes it enumerates; choose one of 64,96 64,64" in stderr
+    if not ON_MAC:
+        code, stdout, stderr = cli("parity", str(backbone_files["mmdet"]), str(tmp_path / "d"), "--imgsz", "96,128")
+        assert code == 1 and "NOT RUN" in stdout and "macOS" in stderr
 
 
 @pytest.mark.skipif(ON_MAC, reason="Core ML prediction works on macOS")
