@@ -172,11 +172,10 @@ def parity(
     if threads is not None:
         check_count(threads, "--threads", "threads")
     dirs = [artifacts] if isinstance(artifacts, (str, Path)) else list(artifacts)
-    size = None if imgsz is None else (imgsz, imgsz) if isinstance(imgsz, int) else tuple(imgsz)
-    if size is not None:
-        check_size(
-            size, [(Path(d), mf.read(Path(d), verify=False)) for d in dirs]
-        )  # before the checkpoint is read: a bad size costs nothing
+    size = None
+    if imgsz is not None:  # before the checkpoint is read: a bad size costs nothing
+        size = build_recipe({"imgsz": imgsz}).hw  # convert's --imgsz checks (multiples of 32, bounds)
+        check_size(size, [(Path(d), mf.read(Path(d), verify=False)) for d in dirs])
     ckpt = checkpoint(model, act, unsafe_load)
     return gate(ckpt, dirs, None if data is None else str(data), samples, override, localize, threads, size)
 

@@ -29,7 +29,7 @@ from fnexport.console import log, progress, step
 from fnexport.data import DEFAULT_DATA, PARITY_SEED, ImageStream, Preprocess, open_images
 from fnexport.errors import BackendUnavailable, BadInput, CheckFailed, what_is
 from fnexport.model.checkpoint import Checkpoint, as_features
-from fnexport.recipes import MAX_IMGSZ, Tolerance
+from fnexport.recipes import Tolerance
 from fnexport.targets import get_target
 
 
@@ -65,11 +65,9 @@ def gate(
 
     The images stream from disk in batches, once per preprocessing: each batch goes through the original
     model once and through every artifact that shares that preprocessing, so memory does not grow with
-    --samples (all of a group's runtimes are open at once instead). `imgsz` (height, width) checks
-    --dynamic-hw backbone artifacts at that size instead of the one they were exported at."""
+    --samples (all of a group's runtimes are open at once instead). `imgsz` (height, width; the caller checked
+    it with check_size) checks --dynamic-hw backbone artifacts at that size instead of the one they were exported at."""
     verified = read_verified(map(Path, dirs))
-    if imgsz is not None:
-        check_size(imgsz, verified)
     groups: dict[Preprocess, list[int]] = {}
     for i, (d, manifest) in enumerate(verified):
         if manifest["source"].get("sha256") and ckpt.sha256 and manifest["source"]["sha256"] != ckpt.sha256:
@@ -204,15 +202,9 @@ def read_verified(dirs) -> list[tuple[Path, dict]]:
     return manifests
 
 
-def check_size(imgsz: tuple[int, int], verified: list[tuple[Path, dict]]) -> None:
-    """parity --imgsz H,W: sizes a FasterNet takes, and only artifacts that take any height and width."""
-    for side in imgsz:
-        if side % 32 or not 32 <= side <= MAX_IMGSZ:
-            raise BadInput(
-                f"--imgsz {imgsz[0]},{imgsz[1]}: each side a multiple of 32 from 32 to {MAX_IMGSZ} "
-                f"(FasterNet downsamples 32x); try {min(MAX_IMGSZ, max(32, round(side / 32) * 32))}"
-            )
-    for d, manifest in verified:
+def check_size(imgsz: tuple[int, int], manifests: list[tuple[Path, dict]]) -> None:
+    """parity --imgsz H,W (a size recipes accept): only artifacts that take that height and width."""
+    for d, manifest in manifests:
         if not manifest["input"].get("dynamic_hw"):
             raise BadInput(
                 f"--imgsz {imgsz[0]},{imgsz[1]}: {d} takes only the size it was exported at; --imgsz checks "

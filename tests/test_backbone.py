@@ -218,7 +218,7 @@ def test_parity_passes_per_output_and_fails_a_perturbed_copy(backbone_files, onn
         shapes = [o["shape"] for o in r["report"]["outputs"]]
         assert shapes == [[8, c, 128 // s, 64 // s] for c, s in zip([40, 80, 160, 320], [4, 8, 16, 32], strict=True)]
     code, _, stderr = cli("parity", str(backbone_files["plain"]), str(onnx_dir[0]), "--imgsz", "100,64")
-    assert code == 2 and "--imgsz 100,64: each side a multiple of 32" in stderr
+    assert code == 2 and "--imgsz: 100 is not a multiple of 32 (FasterNet downsamples 32x); try 96" in stderr
 
     _perturb(onnx_dir[0], tmp_path / "drift", rehash=True)
     code, _, stderr = cli("parity", str(backbone_files["mmdet"]), str(tmp_path / "drift"), "--imgsz", "96,128", *args)
