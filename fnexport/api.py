@@ -228,7 +228,7 @@ class Artifact:
     @property
     def outputs(self) -> list[dict]:
         """The artifact's outputs as the manifest names them: [{"name", "shape"}, ...] (one for a classifier)."""
-        return outputs(self.manifest)
+        return mf.outputs(self.manifest)
 
     @property
     def is_classifier(self) -> bool:
@@ -302,16 +302,9 @@ class Artifact:
         return joined[0] if len(joined) == 1 and self.is_classifier else joined
 
 
-def outputs(manifest: dict) -> list[dict]:
-    """An artifact's outputs as its manifest names them: [{"name", "shape"}, ...] (one for a classifier)."""
-    outs = manifest.get("outputs", manifest.get("output"))
-    outs = outs if isinstance(outs, list) else [outs or {"name": "logits"}]
-    return [o if isinstance(o, dict) else {"name": str(o)} for o in outs]
-
-
 def is_classifier(manifest: dict) -> bool:
     """Logits out (a backbone's manifest says kind backbone, or lists several outputs)."""
-    return manifest.get("kind", "classifier") == "classifier" and len(outputs(manifest)) == 1
+    return manifest.get("kind", "classifier") == "classifier" and len(mf.outputs(manifest)) == 1
 
 
 def load(path: str | Path, threads: int | None = None, batch: int | None = None) -> Artifact:

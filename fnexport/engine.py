@@ -24,7 +24,6 @@ from fnexport.targets.tensorrt import (
     engine_hw,
     engine_unavailable,
     input_digest,
-    output_names,
 )
 
 
@@ -49,7 +48,7 @@ def build_engine_dir(folder: Path, opts: EngineOptions) -> dict:
     if input_digest(data.x) != str(stored["input_sha256"]):
         raise BadInput(f"{data.source}: the parity images differ from the ones convert used; cannot compare here")
     labels = stored["labels"] if "labels" in stored else None
-    backbone, names = manifest.get("kind") == "backbone", output_names(manifest)
+    backbone, names = manifest.get("kind") == "backbone", [o["name"] for o in mf.outputs(manifest)]
     ref = [stored[name] for name in names]
     tol = tolerance_for(recipe.precision, recipe.tolerance, backbone=backbone)
     tmp = folder / f".{ENGINE}.tmp{os.getpid()}"

@@ -48,6 +48,13 @@ def sha256_artifact(path: Path) -> str:
     return digest.hexdigest()
 
 
+def outputs(manifest: dict) -> list[dict]:
+    """An artifact's outputs as its manifest names them: [{"name", "shape"}, ...] (one for a classifier)."""
+    outs = manifest.get("outputs", manifest.get("output"))
+    outs = outs if isinstance(outs, list) else [outs or {"name": "logits"}]
+    return [o if isinstance(o, dict) else {"name": str(o)} for o in outs]
+
+
 def write(out_dir: Path, manifest: dict) -> Path:
     """Write manifest.json whole or not at all (a temp file renamed over it), so a reader never sees half of one."""
     path = out_dir / MANIFEST

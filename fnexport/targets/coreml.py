@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+import fnexport.manifest as mf
 from fnexport.errors import BackendUnavailable, BadInput
 from fnexport.model.fasternet import FasterNet, FasterNetConfig
 from fnexport.recipes import Recipe
@@ -25,11 +26,10 @@ from fnexport.targets.coreml_package import (
     WEIGHT_THRESHOLD,
     enumerated_hw,
     load_coremltools,
-    output_names,
     quiet,
     validate_package,
 )
-from fnexport.targets.graph import onnx_metadata
+from fnexport.targets.graph import onnx_metadata, output_names
 from fnexport.version import __version__
 
 # torch.jit.trace gives the same program (101 ops, same types and attributes, on the digits T0) but is
@@ -293,7 +293,8 @@ class CoremlRunner:
         units = ct.ComputeUnit.CPU_ONLY if precision == "fp32" else ct.ComputeUnit.ALL
         self.model = ct.models.MLModel(str(artifact), compute_units=units)
         self.image = details.get("input", "image") == "image"
-        self.outputs = [o["name"] for o in manifest["outputs"]] if "outputs" in manifest else None
+        self.outputs = [o["name"] for o in mf.outputs(manifest)]
+        self.backbone = manifest.get("kind") == "backbone"
         self.mean = np.array(manifest["input"]["mean"], np.float32)[:, None, None]
         self.std = np.array(manifest["input"]["std"], np.float32)[:, None, None]
         shape = manifest["input"]["shape"]
@@ -303,10 +304,9 @@ class CoremlRunner:
     def __call__(self, x: np.ndarray) -> np.ndarray | list[np.ndarray]:
         from PIL import Image
 
-        names = self.outputs or [OUTPUT_NAME]
         if not self.image:
             out = self.model.predict({INPUT_TENSOR: x.astype(np.float32)})
-            arrays = [np.asarray(out[n], np.float32) for n in names]
+            arrays = [np.asarray(out[n], np.float32) for n in self.outputs]
         else:
             preds = []
             for img in x:
@@ -314,13 +314,13 @@ class CoremlRunner:
                 # (a letterbox's padding, the mean colour, to the nearest 8-bit value).
                 pixels = np.clip(np.rint((img * self.std + self.mean) * 255), 0, 255).astype(np.uint8)
                 preds.append(self.model.predict({INPUT_IMAGE: Image.fromarray(pixels.transpose(1, 2, 0))}))
-            arrays = [np.concatenate([self._one(p[n]) for p in preds]) for n in names]
-        return arrays if self.outputs else arrays[0]
+            arrays = [np.concatenate([self._one(p[n]) for p in preds]) for n in self.outputs]
+        return arrays if self.backbone else arrays[0]
 
     def _one(self, value: Any) -> np.ndarray:
         """One image's output as a batch of one: logits (1, classes), a feature map (1, C, h, w)."""
         out = np.asarray(value, np.float32)
-        return out.reshape(1, *out.shape[-3:]) if self.outputs else out.reshape(1, -1)
+        return out.reshape(1, *out.shape[-3:]) if self.backbone else out.reshape(1, -1)
 
     def close(self) -> None:
         del self.model

@@ -18,9 +18,9 @@ import torch
 from fnexport.comparison import compare, compare_features, feature_reference, tolerance_for
 from fnexport.console import log, require
 from fnexport.errors import CheckFailed
-from fnexport.model.fasternet import FasterNetConfig
 from fnexport.recipes import Recipe
 from fnexport.targets.base import Source
+from fnexport.targets.graph import output_names
 
 INPUT_IMAGE, INPUT_TENSOR, OUTPUT_NAME = "image", "input", "logits"
 # coremltools leaves tensors this small uncompressed (its default); the stem conv of T0 (1,920) is one.
@@ -40,11 +40,6 @@ WEIGHT_TOLERANCE = {
 }
 COMPRESSED_STORAGE = {"int8": "int8", "int4": "int4", "palettize8": "lut8", "palettize4": "lut4"}
 FORBIDDEN_OPS = ("batch_norm", "scatter", "scatter_nd", "scatter_along_axis", "slice_update")
-
-
-def output_names(cfg: FasterNetConfig) -> list[str]:
-    """The package's model outputs in order: a backbone's feature maps by stride, or a classifier's logits."""
-    return [o["name"] for o in cfg.outputs()] if cfg.features else [OUTPUT_NAME]
 
 
 def enumerated_hw(recipe: Recipe) -> list[tuple[int, int]]:

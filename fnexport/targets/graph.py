@@ -13,7 +13,7 @@ from typing import Any
 
 from fnexport.errors import FnexportError
 from fnexport.model.checkpoint import Checkpoint
-from fnexport.model.fasternet import FasterNet, hw
+from fnexport.model.fasternet import FasterNet, FasterNetConfig, hw
 from fnexport.recipes import MAX_IMGSZ, Recipe
 from fnexport.version import __version__
 
@@ -59,9 +59,9 @@ def export_onnx(model: FasterNet, path: Path, recipe: Recipe, meta: dict[str, st
     return path
 
 
-def output_names(model: FasterNet) -> list[str]:
+def output_names(cfg: FasterNetConfig) -> list[str]:
     """`logits` for a classifier; feat_s4 ... feat_s32 (stride order) for a backbone."""
-    return [o["name"] for o in model.cfg.outputs()] if model.cfg.features else [OUTPUT_NAME]
+    return [o["name"] for o in cfg.outputs()] if cfg.features else [OUTPUT_NAME]
 
 
 def name_dims(graph: Any, model: FasterNet) -> None:
@@ -106,7 +106,7 @@ def export_plain(
             (x,),
             str(path),
             input_names=[INPUT_NAME],
-            output_names=output_names(model),
+            output_names=output_names(model.cfg),
             opset_version=opset,
             dynamo=True,
             external_data=False,

@@ -279,13 +279,6 @@ def engine_hw(recipe: Recipe) -> tuple[tuple[int, int, int], tuple[int, int, int
     return recipe.hw_profile() if recipe.dynamic_hw else None
 
 
-def output_names(manifest: dict) -> list[str]:
-    """The artifact's output names in order: a backbone's feature maps (stride order), or a classifier's logits."""
-    if manifest.get("kind") == "backbone":
-        return [o["name"] for o in manifest["outputs"]]
-    return [manifest["output"]["name"]]
-
-
 def hardware_level(trt: ModuleType, opts: EngineOptions, here: dict[str, str]) -> Any:
     """TensorRT's HardwareCompatibilityLevel for --hardware-compat, refusing what this TensorRT or GPU cannot build."""
     level = getattr(trt.HardwareCompatibilityLevel, HARDWARE_COMPAT[opts.hardware_compat], None)
@@ -391,7 +384,7 @@ class TensorRtRunner:
         self.input = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
         found = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         # Read back in the manifest's order (a backbone's stride order), whatever order the engine lists them in.
-        self.outputs = output_names(manifest)
+        self.outputs = [o["name"] for o in mf.outputs(manifest)]
         if sorted(found) != sorted(self.outputs):
             raise FnexportError(
                 f"{engine_path}: the engine's outputs {found} are not the manifest's {self.outputs}. {rebuild}"
